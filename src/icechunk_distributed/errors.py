@@ -1,0 +1,70 @@
+"""Every error the library raises.
+
+All of them derive from :class:`DistributedWriteError`, so ``except DistributedWriteError``
+catches anything this library refuses. Each also derives from the builtin exception a caller
+would naturally expect (``ValueError``, ``TypeError``, ``pickle.PicklingError``, ...), so code
+that already handles those keeps working.
+"""
+
+from __future__ import annotations
+
+import pickle
+
+__all__ = [
+    "DistributedWriteError",
+    "ForeignSessionError",
+    "ForkStartMethodError",
+    "NotASnapshotError",
+    "OverlappingWritesError",
+    "PicklingNotAllowedError",
+    "SessionStateError",
+]
+
+
+class DistributedWriteError(Exception):
+    """Base class of every error raised by icechunk-distributed."""
+
+
+class PicklingNotAllowedError(DistributedWriteError, pickle.PicklingError):
+    """A writable session was pickled outside an ``allow_pickling()`` block.
+
+    Shipping a writable session to a worker is only safe as a fork whose writes are merged
+    back; ``allow_pickling()`` makes that fork and says when shipping is allowed.
+    """
+
+
+class ForeignSessionError(DistributedWriteError, ValueError):
+    """A snapshot or fork does not descend from the session it is merged into.
+
+    Icechunk merges such forks without complaint and their data is silently lost (another
+    repository) or applied to the wrong base (another branch, or a session that has committed
+    or discarded its changes since the fork was made).
+    """
+
+
+class OverlappingWritesError(DistributedWriteError, ValueError):
+    """Two merged sessions wrote different bytes to the same chunk.
+
+    Icechunk would keep whichever was merged last, so the result would depend on task
+    completion order. The ``conflicts`` attribute lists ``(array_path, chunk_coords)`` pairs.
+    """
+
+    def __init__(self, message: str, conflicts: list[tuple[str, tuple[int, ...]]]) -> None:
+        super().__init__(message)
+        self.conflicts = conflicts
+
+
+class NotASnapshotError(DistributedWriteError, TypeError):
+    """Something other than a snapshot or an icechunk ``ForkSession`` was passed to merge."""
+
+
+class ForkStartMethodError(DistributedWriteError, RuntimeError):
+    """A snapshot was used in a process started with the ``fork`` method.
+
+    Icechunk's runtime (threads and locks) does not survive ``fork`` once the parent has used
+    it: the child hangs. Use the ``spawn`` or ``forkserver`` start method.
+    """
+
+
+class SessionStateError(DistributedWriteError, RuntimeError):
+    """The session is in a state that does not allow the requested operation."""

@@ -1,0 +1,51 @@
+import os
+
+# Local-filesystem storage warns about concurrent committers on every open; tests commit once.
+os.environ.setdefault("ICECHUNK_LOG", "error")
+
+import icechunk
+import numpy as np
+import pytest
+import xarray as xr
+
+
+def make_repo(path) -> icechunk.Repository:
+    return icechunk.Repository.create(icechunk.local_filesystem_storage(str(path)))
+
+
+def small_dataset(n_time: int = 12, ny: int = 6, nx: int = 8, seed: int = 0) -> xr.Dataset:
+    """time/y/x with 2-D lat/lon coordinates, NaNs and attributes."""
+    rng = np.random.default_rng(seed)
+    lat, lon = np.meshgrid(np.linspace(-60, 60, ny), np.linspace(0, 350, nx), indexing="ij")
+    tair = rng.random((n_time, ny, nx)).astype("f4")
+    tair[::3, 0, 0] = np.nan
+    return xr.Dataset(
+        {"Tair": (("time", "y", "x"), tair, {"units": "K"})},
+        coords={
+            "time": np.datetime64("2026-01-01", "ns") + np.arange(n_time) * np.timedelta64(1, "h"),
+            "lat": (("y", "x"), lat),
+            "lon": (("y", "x"), lon),
+        },
+        attrs={"title": "test"},
+    )
+
+
+def write_template(store, ds: xr.Dataset, time_chunk: int = 1) -> None:
+    """Write metadata and coordinates only: data variables go in as lazy dask arrays."""
+    ds.chunk({"time": time_chunk}).to_zarr(store, compute=False, consolidated=False)
+
+
+def read_back(repo: icechunk.Repository, branch: str = "main") -> xr.Dataset:
+    """The committed dataset, from a fresh read-only session."""
+    session = repo.readonly_session(branch)
+    return xr.open_zarr(session.store, consolidated=False, chunks=None).load()
+
+
+@pytest.fixture
+def repo(tmp_path) -> icechunk.Repository:
+    return make_repo(tmp_path / "repo")
+
+
+@pytest.fixture
+def other_repo(tmp_path) -> icechunk.Repository:
+    return make_repo(tmp_path / "other")
