@@ -7,13 +7,12 @@ import icechunk
 import numpy as np
 import pytest
 import zarr
-from conftest import make_repo
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from tasks import write_block
 from zarr.core.buffer import default_buffer_prototype
 from zarr.core.sync import sync
 
+from conftest import make_repo
 from icechunk_distributed import (
     ForeignSessionError,
     NotASnapshotError,
@@ -23,6 +22,7 @@ from icechunk_distributed import (
     merge_sessions,
     writable_session,
 )
+from tasks import write_block
 
 
 def with_array(repo, shape=(8, 8), chunks=(2, 2), path="a", fill_value=-1.0):
@@ -293,7 +293,9 @@ def test_ten_thousand_snapshots(repo, capsys):
 def test_property_disjoint_chunk_writes_commit_the_source(tmp_path_factory, data):
     ndim = data.draw(st.integers(1, 3), label="ndim")
     chunks = tuple(data.draw(st.integers(1, 4), label="chunk") for _ in range(ndim))
-    shape = tuple(c * data.draw(st.integers(1, 3)) + data.draw(st.integers(0, c - 1)) for c in chunks)
+    shape = tuple(
+        c * data.draw(st.integers(1, 3)) + data.draw(st.integers(0, c - 1)) for c in chunks
+    )
     source = np.arange(int(np.prod(shape)), dtype="f4").reshape(shape)
     repo = make_repo(tmp_path_factory.mktemp("prop"))
     with_array(repo, shape=shape, chunks=chunks, fill_value=np.nan)

@@ -7,10 +7,9 @@ from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor, as_compl
 import icechunk
 import pytest
 import xarray as xr
-from conftest import read_back, small_dataset, write_template
-from tasks import touch_store, write_functional, write_timestamp
 
 import icechunk_distributed as icd
+from conftest import read_back, small_dataset, write_template
 from icechunk_distributed import (
     ForkStartMethodError,
     PicklingNotAllowedError,
@@ -19,6 +18,7 @@ from icechunk_distributed import (
     merge_sessions,
     writable_session,
 )
+from tasks import touch_store, write_functional, write_timestamp
 
 
 def spawn_pool(workers: int = 2) -> ProcessPoolExecutor:
@@ -59,7 +59,9 @@ def test_functional_recipe_with_plain_session(repo, kind):
     pool = ThreadPoolExecutor(3) if kind == "threads" else spawn_pool()
     with pool as ex, allow_pickling(session) as shareable:
         assert isinstance(shareable, SessionSnapshot)
-        results = [f.result() for f in [ex.submit(write_functional, i, shareable) for i in range(12)]]
+        results = [
+            f.result() for f in [ex.submit(write_functional, i, shareable) for i in range(12)]
+        ]
     assert merge_sessions(session, *results) is session
     session.commit("done")
     xr.testing.assert_identical(read_back(repo), ds)
@@ -83,7 +85,9 @@ def test_thread_recipe_shared_session_never_hangs(tmp_path):
     """Tasks write to one shared DistributedSession's store, return nothing; 50 runs."""
     ds = small_dataset()
     for run in range(50):
-        repo = icechunk.Repository.create(icechunk.local_filesystem_storage(str(tmp_path / f"r{run}")))
+        repo = icechunk.Repository.create(
+            icechunk.local_filesystem_storage(str(tmp_path / f"r{run}"))
+        )
         session = writable_session(repo, "main")
         write_template(session.store, ds)
         with ThreadPoolExecutor(4) as executor:
@@ -155,7 +159,8 @@ def test_import_does_not_import_executors():
 
     code = (
         "import sys, icechunk_distributed; "
-        "print(sorted(m for m in ('ray','lithops','dask','distributed','joblib') if m in sys.modules))"
+        "mods = ('ray', 'lithops', 'dask', 'distributed', 'joblib'); "
+        "print(sorted(m for m in mods if m in sys.modules))"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
