@@ -141,7 +141,7 @@ class DemoResult:
     nbytes: int
     seconds: float
     snapshot_id: str
-    path: str
+    path: str | None
 
     def summary(self) -> str:
         """One human-readable line."""
@@ -149,7 +149,8 @@ class DemoResult:
         return (
             f"wrote {self.n_regions} regions, {mb:.1f} MB in {self.seconds:.2f} s "
             f"({mb / self.seconds:.1f} MB/s) with {self.executor}; verified; "
-            f"commit {self.snapshot_id} in {self.path}"
+            f"commit {self.snapshot_id} in "
+            + (self.path if self.path else "a temporary repository (removed)")
         )
 
 
@@ -229,7 +230,8 @@ def run_demo(
             repo.readonly_session("main").store, consolidated=False, chunks=None
         ).load()
         xr.testing.assert_identical(readback, synthetic_dataset(spec))
-        return DemoResult(executor, len(starts), spec.nbytes, seconds, snapshot_id, path)
+        kept = None if tmp is not None else path
+        return DemoResult(executor, len(starts), spec.nbytes, seconds, snapshot_id, kept)
     finally:
         if tmp is not None:
             shutil.rmtree(tmp, ignore_errors=True)
