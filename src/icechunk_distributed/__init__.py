@@ -6,15 +6,23 @@ Importing this package imports no executor (ray, lithops, dask, joblib).
 """
 
 from icechunk_distributed._version import __version__
+from icechunk_distributed.adapters import Adapter, Capabilities
 from icechunk_distributed.errors import (
+    CommitConflictError,
     DistributedWriteError,
     ForeignSessionError,
     ForkStartMethodError,
+    InvalidRegionError,
     NotASnapshotError,
     OverlappingWritesError,
     PicklingNotAllowedError,
+    RegionWriteError,
     SessionStateError,
+    TemplateMismatchError,
+    UnpicklableSourceError,
 )
+from icechunk_distributed.planning import plan_regions
+from icechunk_distributed.runner import ProgressEvent
 from icechunk_distributed.session import (
     DistributedSession,
     SessionSnapshot,
@@ -22,19 +30,40 @@ from icechunk_distributed.session import (
     merge_sessions,
     writable_session,
 )
+from icechunk_distributed.writer import (
+    RegionWriter,
+    TaskFailure,
+    TaskRecord,
+    WriteResult,
+    run_region_writes,
+)
 
 __all__ = [
+    "Adapter",
+    "Capabilities",
+    "CommitConflictError",
     "DistributedSession",
     "DistributedWriteError",
     "ForeignSessionError",
     "ForkStartMethodError",
+    "InvalidRegionError",
     "NotASnapshotError",
     "OverlappingWritesError",
     "PicklingNotAllowedError",
+    "ProgressEvent",
+    "RegionWriteError",
+    "RegionWriter",
     "SessionSnapshot",
     "SessionStateError",
+    "TaskFailure",
+    "TaskRecord",
+    "TemplateMismatchError",
+    "UnpicklableSourceError",
+    "WriteResult",
     "__version__",
     "allow_pickling",
     "merge_sessions",
+    "plan_regions",
+    "run_region_writes",
     "writable_session",
 ]

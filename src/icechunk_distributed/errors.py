@@ -9,15 +9,21 @@ that already handles those keeps working.
 from __future__ import annotations
 
 import pickle
+from typing import Any
 
 __all__ = [
+    "CommitConflictError",
     "DistributedWriteError",
     "ForeignSessionError",
     "ForkStartMethodError",
+    "InvalidRegionError",
     "NotASnapshotError",
     "OverlappingWritesError",
     "PicklingNotAllowedError",
+    "RegionWriteError",
     "SessionStateError",
+    "TemplateMismatchError",
+    "UnpicklableSourceError",
 ]
 
 
@@ -68,3 +74,41 @@ class ForkStartMethodError(DistributedWriteError, RuntimeError):
 
 class SessionStateError(DistributedWriteError, RuntimeError):
     """The session is in a state that does not allow the requested operation."""
+
+
+class InvalidRegionError(DistributedWriteError, ValueError):
+    """A region is misaligned, overlapping, out of bounds, or names an unknown dimension.
+
+    Raised before anything is written.
+    """
+
+
+class TemplateMismatchError(DistributedWriteError, ValueError):
+    """The arrays in the store do not match the template, or already exist (``mode="w-"``).
+
+    Missing arrays, other dimensions, sizes, dtypes or chunks are all reported with the names.
+    """
+
+
+class UnpicklableSourceError(DistributedWriteError, TypeError):
+    """The source or loader cannot be shipped to worker processes. Raised before any task."""
+
+
+class RegionWriteError(DistributedWriteError, RuntimeError):
+    """Some regions still failed after every retry; nothing was committed.
+
+    ``failures`` lists one :class:`~icechunk_distributed.writer.TaskFailure` per failed
+    region: its region, the last exception (as text, and the object when it could travel),
+    and how many attempts were made.
+    """
+
+    def __init__(self, message: str, failures: list[Any]) -> None:
+        super().__init__(message)
+        self.failures = failures
+
+
+class CommitConflictError(DistributedWriteError, RuntimeError):
+    """Another commit changed the same chunks or metadata while this run was writing.
+
+    Nothing was committed: the branch shows the other writer's commit only.
+    """

@@ -383,6 +383,13 @@ class SessionSnapshot:
             self._lineage, self._seed = self._coordinator.seed()
         return self._lineage, self._seed
 
+    def _fresh(self) -> SessionSnapshot:
+        """A copy as a worker would receive it: same lineage and seed, no forks yet."""
+        lineage, seed = self._ensure_seed()
+        snap = SessionSnapshot.__new__(SessionSnapshot)
+        snap._init(coordinator=None, lineage=lineage, seed=seed, carried=[])
+        return snap
+
     def _live_fork(self) -> _Fork:
         ident = threading.get_ident()
         with self._lock:

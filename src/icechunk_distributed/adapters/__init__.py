@@ -1,0 +1,126 @@
+"""Executor adapters: each turns ``(fn, item)`` pairs into results, in completion order.
+
+The generic loop in :mod:`icechunk_distributed.runner` owns retries, progress and merging; an
+adapter only runs a function over items and says, through explicit capability flags, what
+its engine needs (pickling across processes, batching, ...). Engines are imported lazily.
+"""
+
+from __future__ import annotations
+
+import abc
+from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import Executor
+from dataclasses import dataclass
+from typing import Any
+
+__all__ = [
+    "Adapter",
+    "Capabilities",
+    "Outcome",
+    "get_adapter",
+    "known_executors",
+]
+
+Outcome = tuple[Any, Any]
+"""``(key, result)``; ``result`` is a :class:`BaseException` when the engine itself failed."""
+
+
+@dataclass(frozen=True)
+class Capabilities:
+    """What an engine needs and offers; the generic loop reads these, never the engine type.
+
+    Attributes
+    ----------
+    crosses_processes : bool
+        Task arguments and results are pickled (the source must be picklable).
+    parallelism : int
+        How many tasks run at once (sizes the default task plan and tasks in flight).
+    supports_cancel : bool
+        Queued tasks can be cancelled on failure or interrupt.
+    per_call_overhead : float
+        Rough seconds of overhead per task, used to batch regions into fewer calls.
+    """
+
+    crosses_processes: bool
+    parallelism: int
+    supports_cancel: bool = True
+    per_call_overhead: float = 0.0
+
+
+class Adapter(abc.ABC):
+    """One executor behind the submit -> gather interface of the generic loop."""
+
+    name: str = "adapter"
+
+    @property
+    @abc.abstractmethod
+    def capabilities(self) -> Capabilities:
+        """The engine's capability flags."""
+
+    @abc.abstractmethod
+    def map_unordered(
+        self, fn: Callable[[Any], Any], items: Iterable[tuple[Any, Any]]
+    ) -> Iterator[Outcome]:
+        """Run ``fn(arg)`` for every ``(key, arg)``; yield ``(key, result)`` as each finishes.
+
+        ``items`` is consumed lazily, so arguments are built only when a slot frees up.
+        Closing the generator cancels what has not started.
+        """
+
+    def close(self) -> None:  # noqa: B027 - optional hook
+        """Release what the adapter started (never what the caller passed in)."""
+
+    def __enter__(self) -> Adapter:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def known_executors() -> list[str]:
+    """Names accepted by ``executor=``."""
+    return ["serial", "threads", "processes", "joblib"]
+
+
+def get_adapter(executor: Any, *, workers: int | None = None) -> Adapter:
+    """Resolve ``executor=`` (a name, an adapter, or an engine object) into an adapter.
+
+    Parameters
+    ----------
+    executor : str, Adapter or concurrent.futures.Executor
+        ``"serial"``, ``"threads"``, ``"processes"``, ``"joblib"``; an :class:`Adapter`; or a
+        ``ThreadPoolExecutor``/``ProcessPoolExecutor``/any ``concurrent.futures.Executor``.
+    workers : int, optional
+        Pool size for executors the library starts itself.
+
+    Returns
+    -------
+    Adapter
+        The adapter; close it when done (it only shuts down what it started).
+    """
+    from icechunk_distributed.adapters import local
+
+    if isinstance(executor, Adapter):
+        return executor
+    if isinstance(executor, str):
+        name = executor.lower()
+        if name == "serial":
+            return local.SerialAdapter()
+        if name == "threads":
+            return local.FuturesAdapter.threads(workers)
+        if name == "processes":
+            return local.FuturesAdapter.processes(workers)
+        if name == "joblib":
+            from icechunk_distributed.adapters.joblib import JoblibAdapter
+
+            return JoblibAdapter(n_jobs=workers)
+        raise ValueError(
+            f"unknown executor {executor!r}; known names: {', '.join(known_executors())}. "
+            "You can also pass a concurrent.futures Executor instance."
+        )
+    if isinstance(executor, Executor):
+        return local.FuturesAdapter(executor)
+    raise TypeError(
+        f"cannot use {type(executor).__name__!r} as an executor: pass one of "
+        f"{known_executors()}, a concurrent.futures.Executor, or an Adapter"
+    )

@@ -1,0 +1,130 @@
+"""Local executors: inline (serial), thread pools, process pools, any concurrent.futures pool."""
+
+from __future__ import annotations
+
+import multiprocessing
+import os
+from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import (
+    FIRST_COMPLETED,
+    Executor,
+    Future,
+    ProcessPoolExecutor,
+    ThreadPoolExecutor,
+    wait,
+)
+from typing import Any
+
+from icechunk_distributed.adapters import Adapter, Capabilities, Outcome
+
+__all__ = ["FuturesAdapter", "SerialAdapter", "safe_mp_context"]
+
+
+def safe_mp_context() -> multiprocessing.context.BaseContext:
+    """``forkserver`` where available, else ``spawn``: never ``fork`` (icechunk hangs there)."""
+    methods = multiprocessing.get_all_start_methods()
+    return multiprocessing.get_context("forkserver" if "forkserver" in methods else "spawn")
+
+
+class SerialAdapter(Adapter):
+    """Run every task inline, in order: for debugging and tiny writes."""
+
+    name = "serial"
+
+    @property
+    def capabilities(self) -> Capabilities:
+        """One task at a time, in this process."""
+        return Capabilities(crosses_processes=False, parallelism=1, supports_cancel=False)
+
+    def map_unordered(
+        self, fn: Callable[[Any], Any], items: Iterable[tuple[Any, Any]]
+    ) -> Iterator[Outcome]:
+        """Call ``fn`` on each item in turn."""
+        for key, arg in items:
+            try:
+                yield key, fn(arg)
+            except Exception as exc:  # the engine's failure, reported per task
+                yield key, exc
+
+
+class FuturesAdapter(Adapter):
+    """Any ``concurrent.futures.Executor``; pools made from a name are owned and shut down.
+
+    Parameters
+    ----------
+    executor : concurrent.futures.Executor
+        The pool. A ``ProcessPoolExecutor`` using the ``fork`` start method is refused.
+    owned : bool
+        Whether :meth:`close` shuts the pool down.
+    """
+
+    def __init__(self, executor: Executor, *, owned: bool = False) -> None:
+        if isinstance(executor, ProcessPoolExecutor):
+            context = getattr(executor, "_mp_context", None)
+            if context is not None and context.get_start_method() == "fork":
+                raise ValueError(
+                    "this ProcessPoolExecutor uses the 'fork' start method, which hangs once "
+                    "icechunk has been used in this process. Create it with "
+                    "ProcessPoolExecutor(mp_context=multiprocessing.get_context('forkserver')) "
+                    "(or 'spawn'), or pass executor='processes'."
+                )
+        self.executor = executor
+        self.owned = owned
+        self._crosses = not isinstance(executor, ThreadPoolExecutor)
+        workers = getattr(executor, "_max_workers", None)
+        self._parallelism = int(workers) if workers else (os.cpu_count() or 1)
+        self.name = {
+            ThreadPoolExecutor: "threads",
+            ProcessPoolExecutor: "processes",
+        }.get(type(executor), type(executor).__name__)
+
+    @classmethod
+    def threads(cls, workers: int | None = None) -> FuturesAdapter:
+        """A thread pool owned by the adapter."""
+        return cls(ThreadPoolExecutor(workers or min(32, (os.cpu_count() or 1) + 4)), owned=True)
+
+    @classmethod
+    def processes(cls, workers: int | None = None) -> FuturesAdapter:
+        """A ``forkserver`` (or ``spawn``) process pool owned by the adapter."""
+        pool = ProcessPoolExecutor(workers or os.cpu_count() or 1, mp_context=safe_mp_context())
+        return cls(pool, owned=True)
+
+    @property
+    def capabilities(self) -> Capabilities:
+        """Thread pools share memory; everything else pickles tasks."""
+        return Capabilities(crosses_processes=self._crosses, parallelism=self._parallelism)
+
+    def map_unordered(
+        self, fn: Callable[[Any], Any], items: Iterable[tuple[Any, Any]]
+    ) -> Iterator[Outcome]:
+        """Keep ``2 x parallelism`` tasks in flight; yield each as it completes."""
+        limit = 2 * self._parallelism
+        source = iter(items)
+        pending: dict[Future[Any], Any] = {}
+        exhausted = False
+        try:
+            while True:
+                while not exhausted and len(pending) < limit:
+                    try:
+                        key, arg = next(source)
+                    except StopIteration:
+                        exhausted = True
+                        break
+                    pending[self.executor.submit(fn, arg)] = key
+                if not pending:
+                    return
+                done, _ = wait(pending, return_when=FIRST_COMPLETED)
+                for future in done:
+                    key = pending.pop(future)
+                    try:
+                        yield key, future.result()
+                    except Exception as exc:  # a worker died, the pool broke, ...
+                        yield key, exc
+        finally:
+            for future in pending:
+                future.cancel()
+
+    def close(self) -> None:
+        """Shut the pool down if the adapter made it."""
+        if self.owned:
+            self.executor.shutdown(wait=True, cancel_futures=True)

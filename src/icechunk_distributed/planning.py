@@ -1,0 +1,405 @@
+"""Planning and validating regions: chunk-aligned, disjoint, covering, checked up front.
+
+A *region* is a ``dict[str, slice]`` over some dimensions (the *region dims*). A region write is
+safe when every zarr chunk (every shard, for sharded arrays) is written by exactly one task:
+region edges must fall on chunk boundaries of every variable the tasks write, regions must not
+overlap, and a variable that lacks one of the region dims must not be split along it.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import re
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from icechunk_distributed.errors import InvalidRegionError
+
+if TYPE_CHECKING:
+    import xarray as xr
+
+__all__ = [
+    "Region",
+    "WritePlan",
+    "parse_bytes",
+    "plan_regions",
+    "validate_regions",
+]
+
+Region = dict[str, slice]
+
+DEFAULT_TASK_BYTES = 64 * 2**20
+"""Default work per task: large enough to amortise ~10 ms of per-task overhead, small enough
+to spread over a few workers."""
+
+_UNITS = {
+    "": 1,
+    "b": 1,
+    "kb": 10**3,
+    "mb": 10**6,
+    "gb": 10**9,
+    "tb": 10**12,
+    "kib": 2**10,
+    "mib": 2**20,
+    "gib": 2**30,
+    "tib": 2**40,
+}
+
+
+def parse_bytes(size: str | int) -> int:
+    """Parse a byte count such as ``"128MB"``, ``"1 GiB"`` or ``1000``.
+
+    Parameters
+    ----------
+    size : str or int
+        The size.
+
+    Returns
+    -------
+    int
+        Bytes.
+    """
+    if isinstance(size, int):
+        return size
+    match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([a-zA-Z]*)\s*", size)
+    if not match or match.group(2).lower() not in _UNITS:
+        raise ValueError(f"cannot parse {size!r} as a size; use e.g. '128MB', '1GiB' or 1000")
+    return int(float(match.group(1)) * _UNITS[match.group(2).lower()])
+
+
+@dataclass(frozen=True)
+class WritePlan:
+    """What the tasks write: variables, their chunk grids, and the regions.
+
+    Attributes
+    ----------
+    region_dims : tuple of str
+        Dimensions the regions split.
+    sizes : dict
+        Size of every dimension in the source (the part being written).
+    offsets : dict
+        Where the source starts in the target arrays (non-zero along ``append_dim``).
+    units : dict
+        For each variable written by tasks, its write unit (shard or chunk) per dimension.
+    regions : list of dict
+        The regions, in source coordinates.
+    """
+
+    region_dims: tuple[str, ...]
+    sizes: dict[str, int]
+    offsets: dict[str, int]
+    units: dict[str, dict[str, int]]
+    dims: dict[str, tuple[str, ...]]
+    itemsizes: dict[str, int]
+    regions: list[Region] = field(default_factory=list)
+
+    @property
+    def n_chunks(self) -> int:
+        """Total write units (chunks or shards) the tasks write."""
+        return sum(self.chunks_in(r) for r in self.regions)
+
+    def chunks_in(self, region: Region) -> int:
+        """Write units (chunks or shards) of every variable that ``region`` covers."""
+        total = 0
+        for var, units in self.units.items():
+            n = 1
+            for dim in self.dims[var]:
+                start, stop = _bounds(region.get(dim), self.sizes[dim])
+                o, u = self.offsets.get(dim, 0), units[dim]
+                n *= (o + stop + u - 1) // u - (o + start) // u
+            total += n
+        return total
+
+    def bytes_in(self, region: Region) -> int:
+        """Uncompressed bytes of every variable inside ``region``."""
+        total = 0
+        for var, dims in self.dims.items():
+            n = self.itemsizes[var]
+            for dim in dims:
+                start, stop = _bounds(region.get(dim), self.sizes[dim])
+                n *= stop - start
+            total += n
+        return total
+
+    def absolute(self, region: Region) -> Region:
+        """``region`` shifted into target-array coordinates (differs along ``append_dim``)."""
+        out = {}
+        for dim, s in region.items():
+            o = self.offsets.get(dim, 0)
+            start, stop = _bounds(s, self.sizes[dim])
+            out[dim] = slice(start + o, stop + o)
+        return out
+
+
+def _bounds(s: slice | None, size: int) -> tuple[int, int]:
+    if s is None:
+        return 0, size
+    start = 0 if s.start is None else s.start
+    stop = size if s.stop is None else s.stop
+    return start, stop
+
+
+def _allowed_edges(size: int, offset: int, units: Sequence[int]) -> np.ndarray:
+    """Positions 0..size where a region may start or stop, for every unit in ``units``."""
+    ok = np.ones(size + 1, dtype=bool)
+    positions = np.arange(size + 1) + offset
+    for u in units:
+        ok &= positions % u == 0
+    ok[0] = ok[size] = True  # the write's own edges: only one task touches those chunks
+    return ok
+
+
+def _default_region_dims(
+    dims: Mapping[str, tuple[str, ...]],
+    units: Mapping[str, Mapping[str, int]],
+    sizes: Mapping[str, int],
+) -> tuple[str, ...]:
+    out: list[str] = []
+    for var, var_dims in dims.items():
+        for dim in var_dims:
+            if units[var][dim] < sizes[dim] and dim not in out:
+                out.append(dim)
+    return tuple(out)
+
+
+def build_plan(
+    *,
+    dims: Mapping[str, tuple[str, ...]],
+    units: Mapping[str, Mapping[str, int]],
+    itemsizes: Mapping[str, int],
+    sizes: Mapping[str, int],
+    offsets: Mapping[str, int] | None = None,
+    region_dims: Sequence[str] | None = None,
+    regions: Sequence[Mapping[str, slice]] | None = None,
+    task_size: int | str | None = None,
+    parallelism: int | None = None,
+    require_cover: bool = True,
+) -> WritePlan:
+    """Plan (or validate explicit) regions for variables with the given dims and write units."""
+    offsets = dict(offsets or {})
+    if region_dims is None:
+        if regions:
+            region_dims = sorted({d for r in regions for d in r}, key=list(sizes).index)
+        else:
+            region_dims = _default_region_dims(dims, units, sizes)
+    region_dims = tuple(region_dims)
+    for dim in region_dims:
+        if dim not in sizes:
+            raise InvalidRegionError(
+                f"unknown region dimension {dim!r}; the dataset's dimensions are {list(sizes)}"
+            )
+    plan = WritePlan(
+        region_dims=region_dims,
+        sizes=dict(sizes),
+        offsets=offsets,
+        units={k: dict(v) for k, v in units.items()},
+        dims=dict(dims),
+        itemsizes=dict(itemsizes),
+    )
+    if regions is None:
+        plan.regions.extend(_plan(plan, task_size, parallelism))
+    else:
+        plan.regions.extend(
+            {k: slice(*_bounds(v, sizes.get(k, 0))) for k, v in r.items()} for r in regions
+        )
+    validate_regions(plan, require_cover=require_cover)
+    return plan
+
+
+def _plan(plan: WritePlan, task_size: int | str | None, parallelism: int | None) -> list[Region]:
+    # Units along each region dim: intervals between edges allowed for every variable.
+    edges: dict[str, np.ndarray] = {}
+    for dim in plan.region_dims:
+        var_units = [u[dim] for v, u in plan.units.items() if dim in plan.dims[v]]
+        ok = _allowed_edges(plan.sizes[dim], plan.offsets.get(dim, 0), var_units)
+        edges[dim] = np.flatnonzero(ok)
+    n_units = {dim: len(e) - 1 for dim, e in edges.items()}
+    total_units = math.prod(n_units.values()) if n_units else 1
+    if total_units == 0:
+        return []
+    whole = {dim: slice(0, plan.sizes[dim]) for dim in plan.region_dims}
+    unit_bytes = max(1, plan.bytes_in(whole) // total_units)
+    if isinstance(task_size, int) and not isinstance(task_size, bool):
+        if task_size < 1:
+            raise ValueError(f"task_size must be at least 1 chunk, got {task_size}")
+        per_task = task_size
+    else:
+        target = DEFAULT_TASK_BYTES if task_size is None else parse_bytes(task_size)
+        per_task = max(1, target // unit_bytes)
+        if task_size is None:
+            # Keep every worker busy (4 tasks each) before making tasks bigger.
+            workers = parallelism or os.cpu_count() or 1
+            per_task = max(1, min(per_task, math.ceil(total_units / (4 * workers))))
+    # Block of units per task, filling the last region dim first (contiguous in C order).
+    block: dict[str, int] = {}
+    remaining = per_task
+    for dim in reversed(plan.region_dims):
+        block[dim] = max(1, min(n_units[dim], remaining))
+        remaining = max(1, remaining // block[dim])
+    regions: list[Region] = []
+    starts = [range(0, n_units[d], block[d]) for d in plan.region_dims]
+    for index in np.ndindex(*(len(s) for s in starts)):
+        region: Region = {}
+        for dim, s, i in zip(plan.region_dims, starts, index, strict=True):
+            first = s[i]
+            last = min(first + block[dim], n_units[dim])
+            region[dim] = slice(int(edges[dim][first]), int(edges[dim][last]))
+        regions.append(region)
+    return regions
+
+
+def validate_regions(plan: WritePlan, *, require_cover: bool = True) -> None:
+    """Check the plan's regions; raise :class:`InvalidRegionError` naming what is wrong.
+
+    Parameters
+    ----------
+    plan : WritePlan
+        The plan whose ``regions`` to check.
+    require_cover : bool
+        Whether the regions must cover the whole extent of the region dims.
+    """
+    sizes, offsets = plan.sizes, plan.offsets
+    for i, region in enumerate(plan.regions):
+        for dim, s in region.items():
+            if dim not in plan.region_dims:
+                raise InvalidRegionError(
+                    f"region #{i} names dimension {dim!r}, which is not a region dimension "
+                    f"({list(plan.region_dims)}) of the dataset (dimensions: {list(sizes)})"
+                )
+            if s.step not in (None, 1):
+                raise InvalidRegionError(f"region #{i}: slice for {dim!r} has a step ({s})")
+            start, stop = _bounds(s, sizes[dim])
+            if not 0 <= start < stop <= sizes[dim]:
+                raise InvalidRegionError(
+                    f"region #{i}: {dim}={start}:{stop} is empty or out of bounds "
+                    f"(dimension {dim!r} has size {sizes[dim]})"
+                )
+            for var, units in plan.units.items():
+                if dim not in plan.dims[var]:
+                    continue
+                u, o = units[dim], offsets.get(dim, 0)
+                for edge in (start, stop):
+                    if edge not in (0, sizes[dim]) and (edge + o) % u:
+                        where = f"offset {edge}" + (f" (array index {edge + o})" if o else "")
+                        raise InvalidRegionError(
+                            f"region #{i}: {dim}={start}:{stop} is not aligned with the "
+                            f"chunks of {var!r}: {where} is not a multiple of its chunk size "
+                            f"{u} along {dim!r}. Region edges must fall on chunk (or shard) "
+                            "boundaries, or several tasks would write the same chunk."
+                        )
+    if not plan.regions:
+        return
+    # A variable without one of the region dims is written whole by every task that touches
+    # it: splitting along that dim would make several tasks write its chunks.
+    for var, var_dims in plan.dims.items():
+        for dim in plan.region_dims:
+            if dim in var_dims:
+                continue
+            split = any(_bounds(r.get(dim), sizes[dim]) != (0, sizes[dim]) for r in plan.regions)
+            if split:
+                raise InvalidRegionError(
+                    f"variable {var!r} has no dimension {dim!r}, but the regions split {dim!r}: "
+                    f"every task would write all of {var!r}. Leave {dim!r} out of region_dims, "
+                    f"or write {var!r} separately."
+                )
+    _check_disjoint_cover(plan, require_cover)
+
+
+def _check_disjoint_cover(plan: WritePlan, require_cover: bool) -> None:
+    dims = plan.region_dims
+    boxes = np.array(
+        [[_bounds(r.get(d), plan.sizes[d]) for d in dims] for r in plan.regions], dtype=np.int64
+    ).reshape(len(plan.regions), len(dims), 2)
+    breaks = [np.unique(np.concatenate([boxes[:, k, 0], boxes[:, k, 1]])) for k in range(len(dims))]
+    cells = math.prod(len(b) - 1 for b in breaks)
+    if cells <= 20_000_000:
+        counts = np.zeros([len(b) - 1 for b in breaks], dtype=np.int32)
+        idx = [np.searchsorted(breaks[k], boxes[:, k, :]) for k in range(len(dims))]
+        for i in range(len(plan.regions)):
+            counts[tuple(slice(idx[k][i, 0], idx[k][i, 1]) for k in range(len(dims)))] += 1
+        if (counts > 1).any():
+            _raise_overlap(plan, boxes)
+        if require_cover and dims:
+            covered = all(
+                b[0] == 0 and b[-1] == plan.sizes[d] for b, d in zip(breaks, dims, strict=True)
+            )
+            if not covered or (counts == 0).any():
+                cell = np.argwhere(counts == 0)
+                where = (
+                    ", ".join(f"{d}={breaks[k][cell[0][k]]}" for k, d in enumerate(dims))
+                    if len(cell)
+                    else ", ".join(f"{d} 0:{plan.sizes[d]}" for d in dims)
+                )
+                raise InvalidRegionError(
+                    f"the regions do not cover the whole dataset (first gap at {where}); "
+                    "unwritten parts would read as fill values. Cover every region-dimension "
+                    "index once, or use mode='r+' to update part of existing arrays."
+                )
+    else:  # pragma: no cover - only for huge irregular explicit region lists
+        _raise_overlap(plan, boxes, exhaustive=True)
+
+
+def _raise_overlap(plan: WritePlan, boxes: np.ndarray, exhaustive: bool = False) -> None:
+    for i in range(len(boxes)):
+        rest = boxes[i + 1 :]
+        hit = np.all((rest[:, :, 0] < boxes[i, :, 1]) & (boxes[i, :, 0] < rest[:, :, 1]), axis=1)
+        if hit.any():
+            j = i + 1 + int(np.flatnonzero(hit)[0])
+            raise InvalidRegionError(
+                f"regions #{i} ({_fmt(plan.regions[i])}) and #{j} ({_fmt(plan.regions[j])}) "
+                "overlap: both would write the same chunks. Make the regions disjoint."
+            )
+    if not exhaustive:  # pragma: no cover - counts said there was an overlap
+        raise AssertionError("overlap not found")
+
+
+def _fmt(region: Mapping[str, slice]) -> str:
+    return ", ".join(f"{d}={s.start}:{s.stop}" for d, s in region.items())
+
+
+def plan_regions(
+    template: xr.Dataset,
+    *,
+    region_dims: Sequence[str] | None = None,
+    task_size: int | str | None = None,
+    encoding: Mapping[str, Mapping[str, Any]] | None = None,
+    parallelism: int | None = None,
+) -> list[Region]:
+    """Plan the regions a write would use, without writing anything (the dry run).
+
+    Parameters
+    ----------
+    template : xarray.Dataset
+        The dataset to write (lazy is fine).
+    region_dims : sequence of str, optional
+        Dimensions to split; by default those along which the data variables are chunked.
+    task_size : int or str, optional
+        Work per task: a number of chunks along the region dims, or bytes such as ``"128MB"``.
+        By default about 64 MiB, and small enough for 4 tasks per worker.
+    encoding : dict, optional
+        Per-variable encoding as in ``Dataset.to_zarr`` (``chunks``, ``shards``, ...).
+    parallelism : int, optional
+        Workers the default ``task_size`` should keep busy (CPU count by default).
+
+    Returns
+    -------
+    list of dict
+        One ``{dim: slice}`` per task.
+    """
+    from icechunk_distributed.writer import describe_template
+
+    info = describe_template(template, encoding=encoding, region_dims=region_dims)
+    plan = build_plan(
+        dims=info.dims,
+        units=info.units,
+        itemsizes=info.itemsizes,
+        sizes=info.sizes,
+        region_dims=region_dims,
+        task_size=task_size,
+        parallelism=parallelism,
+    )
+    return plan.regions

@@ -1,0 +1,122 @@
+"""The generic loop: fan tasks out through an adapter, retry failures, report progress.
+
+It knows nothing about any engine: adapters turn ``(fn, arg)`` into results in completion
+order; this loop decides what to run next. Each attempt gets a freshly built argument (for
+region writes: a fresh copy of the session fork), so a failed attempt's writes are never
+merged.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Literal
+
+if TYPE_CHECKING:
+    from icechunk_distributed.adapters import Adapter
+
+__all__ = ["ProgressEvent", "run_loop"]
+
+
+@dataclass(frozen=True)
+class ProgressEvent:
+    """One step of a run, passed to ``progress=`` callbacks.
+
+    Attributes
+    ----------
+    kind : {"done", "retry", "failed"}
+        A task finished; a task failed and will be retried; a task failed for good.
+    index : int
+        The task (region) index.
+    attempt : int
+        Which attempt this was (1 for the first).
+    n_done, n_failed, n_total : int
+        Tasks finished, failed for good, and in all.
+    error : str or None
+        The failure, for ``retry`` and ``failed``.
+    """
+
+    kind: Literal["done", "retry", "failed"]
+    index: int
+    attempt: int
+    n_done: int
+    n_failed: int
+    n_total: int
+    error: str | None = None
+
+
+def run_loop(
+    adapter: Adapter,
+    fn: Callable[[Any], Any],
+    n: int,
+    make_arg: Callable[[int, int], Any],
+    *,
+    retries: int,
+    is_success: Callable[[Any], bool],
+    describe_error: Callable[[Any], str],
+    on_success: Callable[[int, Any, int], None],
+    on_failure: Callable[[int, Any, int], None],
+    on_event: Callable[[ProgressEvent], None] | None = None,
+) -> None:
+    """Run ``fn(make_arg(i, attempt))`` for ``i`` in ``range(n)``, retrying up to ``retries``.
+
+    ``result`` given to the callbacks is what the task returned, or the exception the engine
+    raised for it (a dead worker, a broken pool). ``on_success`` is called as each task
+    succeeds (merge there: nothing is held back); ``on_failure`` once per task that used all
+    its attempts. Rounds: tasks that fail are retried after the current round's tasks have
+    all been handed to the engine.
+    """
+    attempts = [0] * n
+    pending = list(range(n))
+    n_done = n_failed = 0
+
+    def emit(kind: Literal["done", "retry", "failed"], i: int, error: str | None = None) -> None:
+        if on_event is not None:
+            on_event(ProgressEvent(kind, i, attempts[i], n_done, n_failed, n, error))
+
+    started: set[int] = set()
+
+    def items(keys: list[int]) -> Any:
+        for i in keys:
+            attempts[i] += 1
+            started.add(i)
+            yield i, make_arg(i, attempts[i])
+
+    retry: list[int] = []
+
+    def failed(i: int, result: Any) -> None:
+        nonlocal n_failed
+        error = describe_error(result)
+        if attempts[i] <= retries:
+            retry.append(i)
+            emit("retry", i, error)
+        else:
+            n_failed += 1
+            on_failure(i, result, attempts[i])
+            emit("failed", i, error)
+
+    while pending:
+        outstanding = set(pending)
+        started.clear()
+        retry.clear()
+        try:
+            for i, result in adapter.map_unordered(fn, items(pending)):
+                outstanding.discard(i)
+                if is_success(result):
+                    on_success(i, result, attempts[i])
+                    n_done += 1
+                    emit("done", i)
+                else:
+                    failed(i, result)
+        except Exception as exc:
+            # The engine failed as a whole (e.g. joblib lost a worker): every task of this
+            # round without a result failed this attempt.
+            # Tasks never handed over are not charged an attempt, unless nothing could start.
+            for i in sorted(outstanding):
+                if i in started or not started:
+                    if i not in started:
+                        attempts[i] += 1
+                    failed(i, exc)
+                else:
+                    retry.append(i)
+        pending = list(retry)

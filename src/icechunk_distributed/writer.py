@@ -1,0 +1,1032 @@
+"""Region-parallel writes of an xarray Dataset: plan, validate, write metadata, fan out, commit.
+
+:func:`run_region_writes` is the one call; :class:`RegionWriter` exposes its steps. The
+coordinator writes array metadata, coordinates and variables without a region dimension; each
+task writes the region-dimension data variables of one region through its own fork; results
+are merged (with :func:`~icechunk_distributed.session.merge_sessions`' checks) as they arrive,
+and one commit publishes everything, or nothing is committed.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import sys
+import threading
+import time
+import traceback
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Literal
+
+import icechunk
+import numpy as np
+import xarray as xr
+
+from icechunk_distributed._version import __version__
+from icechunk_distributed.adapters import Adapter, get_adapter
+from icechunk_distributed.errors import (
+    CommitConflictError,
+    RegionWriteError,
+    SessionStateError,
+    TemplateMismatchError,
+    UnpicklableSourceError,
+)
+from icechunk_distributed.planning import Region, WritePlan, build_plan
+from icechunk_distributed.runner import ProgressEvent, run_loop
+from icechunk_distributed.session import (
+    DistributedSession,
+    SessionSnapshot,
+    _Changes,
+    merge_sessions,
+)
+
+if TYPE_CHECKING:
+    from icechunk import Repository, Session
+
+__all__ = [
+    "RegionWriter",
+    "TaskFailure",
+    "TaskRecord",
+    "TemplateInfo",
+    "WriteResult",
+    "describe_template",
+    "run_region_writes",
+]
+
+Mode = Literal["w-", "w", "r+", "a"]
+Loader = Callable[[dict[str, slice]], xr.Dataset]
+Progress = bool | Callable[[ProgressEvent], None] | None
+
+
+# ---------------------------------------------------------------------------------------------
+# Describing the template
+
+
+@dataclass(frozen=True)
+class TemplateInfo:
+    """Which variables tasks write, along which dims, in which write units (chunks/shards)."""
+
+    region_dims: tuple[str, ...]
+    sizes: dict[str, int]
+    dims: dict[str, tuple[str, ...]]  # region variables only
+    units: dict[str, dict[str, int]]  # region variables only
+    itemsizes: dict[str, int]
+    all_units: dict[str, dict[str, int]]  # every data variable
+    eager_vars: tuple[str, ...]  # data variables without a region dim: the coordinator's
+
+
+def _normalise_chunks(chunks: Any, var: xr.Variable) -> dict[str, int] | None:
+    if chunks is None:
+        return None
+    if isinstance(chunks, int):
+        chunks = (chunks,) * var.ndim
+    if isinstance(chunks, Mapping):
+        chunks = tuple(chunks.get(d, var.sizes[d]) for d in var.dims)
+    chunks = tuple(chunks)
+    if len(chunks) != var.ndim:
+        return None
+    return {
+        str(d): int(var.sizes[d] if c in (None, -1) else c)
+        for d, c in zip(var.dims, chunks, strict=True)
+    }
+
+
+def _units_of(name: str, var: xr.Variable, encoding: Mapping[str, Any]) -> dict[str, int]:
+    enc = {**var.encoding, **encoding.get(name, {})}
+    for key in ("shards", "chunks"):
+        units = _normalise_chunks(enc.get(key), var)
+        if units:
+            return units
+    if var.chunks is not None:  # dask: the first chunk along each dim
+        return {str(d): int(c[0]) for d, c in zip(var.dims, var.chunks, strict=True)}
+    return {str(d): int(var.sizes[d]) for d in var.dims}
+
+
+def describe_template(
+    template: xr.Dataset,
+    *,
+    encoding: Mapping[str, Mapping[str, Any]] | None = None,
+    region_dims: Sequence[str] | None = None,
+    existing_units: Mapping[str, Mapping[str, int]] | None = None,
+) -> TemplateInfo:
+    """Work out write units and region variables of ``template``.
+
+    Parameters
+    ----------
+    template : xarray.Dataset
+        The dataset (lazy is fine).
+    encoding : dict, optional
+        Per-variable encoding (``chunks``, ``shards``) overriding the variables' own.
+    region_dims : sequence of str, optional
+        Dimensions to split; by default those along which any data variable has several chunks.
+    existing_units : dict, optional
+        Write units of arrays that already exist (they win over everything else).
+
+    Returns
+    -------
+    TemplateInfo
+        The description.
+    """
+    encoding = encoding or {}
+    sizes = {str(d): int(n) for d, n in template.sizes.items()}
+    all_units: dict[str, dict[str, int]] = {}
+    for name, var in template.data_vars.items():
+        name = str(name)
+        if existing_units and name in existing_units:
+            all_units[name] = dict(existing_units[name])
+        else:
+            all_units[name] = _units_of(name, var.variable, encoding)
+    if region_dims is None:
+        chosen: list[str] = []
+        for name, units in all_units.items():
+            for dim in template[name].dims:
+                if units[str(dim)] < sizes[str(dim)] and dim not in chosen:
+                    chosen.append(str(dim))
+        region_dims = tuple(chosen)
+    region_dims = tuple(region_dims)
+    dims: dict[str, tuple[str, ...]] = {}
+    eager: list[str] = []
+    for name in all_units:
+        var_dims = tuple(str(d) for d in template[name].dims)
+        if set(var_dims) & set(region_dims):
+            dims[name] = var_dims
+        else:
+            eager.append(name)
+    return TemplateInfo(
+        region_dims=region_dims,
+        sizes=sizes,
+        dims=dims,
+        units={n: all_units[n] for n in dims},
+        itemsizes={n: template[n].dtype.itemsize for n in dims},
+        all_units=all_units,
+        eager_vars=tuple(eager),
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# Results
+
+
+@dataclass(frozen=True)
+class TaskRecord:
+    """One region written: where, how long, how many attempts, on which worker."""
+
+    index: int
+    region: Region
+    seconds: float
+    attempts: int
+    worker: str
+    n_chunks: int
+    nbytes: int
+
+
+@dataclass(frozen=True)
+class TaskFailure:
+    """One region that failed on every attempt."""
+
+    index: int
+    region: Region
+    error: str
+    exception: BaseException | None
+    attempts: int
+    traceback: str | None = None
+
+
+@dataclass
+class WriteResult:
+    """What :func:`run_region_writes` did.
+
+    Attributes
+    ----------
+    snapshot_id : str or None
+        The commit (None with ``commit=False``).
+    branch : str or None
+        The branch written to.
+    n_regions, n_chunks : int
+        Regions (tasks) and chunks (or shards) written by tasks.
+    bytes_written : int
+        Uncompressed bytes written by tasks.
+    seconds : float
+        Wall time of the whole call.
+    tasks : list of TaskRecord
+        One per region, in region order.
+    executor : str
+        The adapter's name.
+    session : DistributedSession
+        The session holding the writes (committed unless ``commit=False``).
+    """
+
+    snapshot_id: str | None
+    branch: str | None
+    n_regions: int
+    n_chunks: int
+    bytes_written: int
+    seconds: float
+    tasks: list[TaskRecord]
+    executor: str
+    session: DistributedSession = field(repr=False)
+
+
+# ---------------------------------------------------------------------------------------------
+# The task
+
+
+@dataclass
+class _TaskInput:
+    index: int
+    attempt: int
+    snapshot: SessionSnapshot
+    piece: xr.Dataset | None
+    loader: Loader | None
+    region: Region
+    abs_region: Region
+    group: str | None
+    expect: dict[str, tuple[tuple[str, ...], tuple[int, ...], np.dtype[Any]]]
+    units: dict[str, dict[str, int]]
+
+
+@dataclass
+class _TaskOutput:
+    index: int
+    ok: bool
+    snapshot: SessionSnapshot | None = None
+    error: str | None = None
+    exception: BaseException | None = None
+    traceback: str | None = None
+    seconds: float = 0.0
+    worker: str = ""
+    n_chunks: int = 0
+    nbytes: int = 0
+
+
+def _worker_name() -> str:
+    return f"{socket.gethostname()}:{os.getpid()}:{threading.current_thread().name}"
+
+
+def _check_piece(piece: Any, inp: _TaskInput) -> xr.Dataset:
+    region = ", ".join(f"{d}={s.start}:{s.stop}" for d, s in inp.region.items())
+    if not isinstance(piece, xr.Dataset):
+        raise TypeError(
+            f"the loader returned {type(piece).__name__} for region {{{region}}}; "
+            "it must return an xarray.Dataset"
+        )
+    problems = []
+    for name, (dims, shape, dtype) in inp.expect.items():
+        if name not in piece.data_vars:
+            problems.append(f"variable {name!r} is missing")
+            continue
+        var = piece[name]
+        if tuple(map(str, var.dims)) != dims:
+            problems.append(f"{name!r} has dims {var.dims}, expected {dims}")
+        elif var.shape != shape:
+            problems.append(f"{name!r} has shape {var.shape}, expected {shape}")
+        elif var.dtype != dtype:
+            problems.append(f"{name!r} has dtype {var.dtype}, expected {dtype}")
+    if problems:
+        raise ValueError(
+            f"the piece for region {{{region}}} does not match the template: " + "; ".join(problems)
+        )
+    selected: xr.Dataset = piece[list(inp.expect)]
+    return selected.drop_vars(list(selected.coords))
+
+
+def _check_inside(snapshot: SessionSnapshot, inp: _TaskInput) -> int:
+    """Every chunk this task wrote lies inside its region, in its own variables."""
+    prefix = "/" + (inp.group.strip("/") + "/" if inp.group else "")
+    n = 0
+    for path, coords in _Changes.of(snapshot.session).chunks.items():
+        name = path[len(prefix) :] if path.startswith(prefix) else path
+        if name not in inp.units:
+            raise RuntimeError(f"the task wrote to {path!r}, which is not one of its variables")
+        dims = inp.expect[name][0]
+        for c in coords:
+            for dim, index in zip(dims, c, strict=True):
+                if dim not in inp.abs_region:
+                    continue
+                u, s = inp.units[name][dim], inp.abs_region[dim]
+                if not s.start // u <= index < -(-s.stop // u):
+                    raise RuntimeError(
+                        f"the task wrote chunk {list(c)} of {path!r}, outside its region "
+                        f"({dim}={s.start}:{s.stop}, chunk size {u})"
+                    )
+        n += len(coords)
+    return n
+
+
+def _load(piece: xr.Dataset) -> xr.Dataset:
+    if any(v.chunks is not None for v in piece.variables.values()):
+        import dask
+
+        # Compute in this task, without a nested cluster or thread pool.
+        with dask.config.set(scheduler="synchronous"):
+            loaded: xr.Dataset = piece.load()
+            return loaded
+    return piece.load()
+
+
+def _execute(inp: _TaskInput) -> _TaskOutput:
+    t0 = time.perf_counter()
+    try:
+        piece = inp.loader(dict(inp.region)) if inp.loader is not None else inp.piece
+        piece = _load(_check_piece(piece, inp))
+        for var in piece.variables.values():
+            var.encoding = {}  # the store's encoding applies (units, fill value, ...)
+        piece.to_zarr(
+            inp.snapshot.store,
+            group=inp.group,
+            region=inp.abs_region,
+            mode="r+",
+            consolidated=False,
+        )
+        n_chunks = _check_inside(inp.snapshot, inp)
+        return _TaskOutput(
+            inp.index,
+            True,
+            snapshot=inp.snapshot,
+            seconds=time.perf_counter() - t0,
+            worker=_worker_name(),
+            n_chunks=n_chunks,
+            nbytes=int(piece.nbytes),
+        )
+    except Exception as exc:
+        try:  # the exception travels home if it pickles; its text always does
+            import cloudpickle
+
+            cloudpickle.dumps(exc)
+            shipped: BaseException | None = exc
+        except Exception:
+            shipped = None
+        return _TaskOutput(
+            inp.index,
+            False,
+            error=f"{type(exc).__name__}: {exc}",
+            exception=shipped,
+            traceback=traceback.format_exc(),
+            seconds=time.perf_counter() - t0,
+            worker=_worker_name(),
+        )
+
+
+def _run_task(arg: _TaskInput | bytes) -> _TaskOutput:
+    """Entry point in the worker; ``bytes`` when the task crossed a process boundary."""
+    if isinstance(arg, bytes):
+        import cloudpickle
+
+        arg = cloudpickle.loads(arg)
+    assert isinstance(arg, _TaskInput)
+    return _execute(arg)
+
+
+# ---------------------------------------------------------------------------------------------
+# The writer
+
+
+def _open_session(target: Any, branch: str) -> tuple[DistributedSession, bool]:
+    if isinstance(target, icechunk.Repository):
+        from icechunk_distributed.session import writable_session
+
+        return writable_session(target, branch), True
+    if isinstance(target, DistributedSession):
+        session = target
+    elif isinstance(target, icechunk.Session) and not isinstance(target, icechunk.ForkSession):
+        session = DistributedSession(target)
+    else:
+        raise TypeError(
+            "target must be an icechunk Repository or a writable Session/DistributedSession, "
+            f"not {type(target).__name__}"
+        )
+    if session.read_only:
+        raise SessionStateError(
+            "the target session is read-only; pass the Repository, or repo.writable_session(branch)"
+        )
+    return session, False
+
+
+def _group_of(session: DistributedSession, group: str | None) -> Any:
+    import zarr
+
+    try:
+        return zarr.open_group(session.session.store, path=group or "", mode="r")
+    except (FileNotFoundError, zarr.errors.GroupNotFoundError, KeyError):
+        return None
+
+
+class RegionWriter:
+    """The steps of :func:`run_region_writes`, for users who want to look in between.
+
+    Parameters are those of :func:`run_region_writes` (without ``executor``, ``message``,
+    ``metadata`` and ``commit``). Typical use::
+
+        writer = RegionWriter(ds, repo, mode="w-")
+        writer.plan()                     # validated regions; nothing written yet
+        writer.write_metadata()           # array metadata and coordinates
+        writer.write_eager()              # variables without a region dimension
+        writer.write_regions(executor="processes")
+        writer.commit("ingest")
+
+    Nothing is committed before :meth:`commit`; on any error, ``writer.session.discard_changes()``
+    (done for you when the writer opened the session from a repository) leaves the branch as it was.
+    """
+
+    def __init__(
+        self,
+        source: xr.Dataset | Loader,
+        target: Repository | Session | DistributedSession,
+        *,
+        template: xr.Dataset | None = None,
+        branch: str = "main",
+        group: str | None = None,
+        mode: Mode = "w-",
+        append_dim: str | None = None,
+        region_dims: Sequence[str] | None = None,
+        regions: Sequence[Mapping[str, slice]] | None = None,
+        task_size: int | str | None = None,
+        encoding: Mapping[str, Mapping[str, Any]] | None = None,
+        retries: int = 2,
+        progress: Progress = None,
+    ) -> None:
+        if isinstance(source, xr.Dataset):
+            if template is None:
+                template = source
+            self.loader: Loader | None = None
+            self.source: xr.Dataset | None = source
+        elif callable(source):
+            if template is None:
+                raise TypeError(
+                    "a loader source needs template=: a Dataset with the full shape, dtypes, "
+                    "coordinates and attributes (lazy is fine), e.g. built with dask arrays"
+                )
+            self.loader, self.source = source, None
+        else:
+            raise TypeError(
+                "source must be an xarray.Dataset or a callable load(region) -> Dataset, "
+                f"not {type(source).__name__}"
+            )
+        if not isinstance(template, xr.Dataset):
+            raise TypeError(f"template must be an xarray.Dataset, not {type(template).__name__}")
+        if mode not in ("w-", "w", "r+", "a"):
+            raise ValueError(f"mode must be one of 'w-', 'w', 'r+', 'a'; got {mode!r}")
+        if mode == "a" and append_dim is None:
+            raise ValueError("mode='a' needs append_dim= (the dimension to grow)")
+        if append_dim is not None and mode != "a":
+            raise ValueError(f"append_dim= goes with mode='a', not mode={mode!r}")
+        if append_dim is not None and append_dim not in template.dims:
+            raise ValueError(
+                f"append_dim {append_dim!r} is not a dimension of the template "
+                f"({list(template.dims)})"
+            )
+        if retries < 0:
+            raise ValueError(f"retries must be >= 0, got {retries}")
+        self.template = template
+        self.group = group.strip("/") or None if group else None
+        self.mode: Mode = mode
+        self.append_dim = append_dim
+        self.region_dims = None if region_dims is None else tuple(region_dims)
+        self.regions = None if regions is None else [dict(r) for r in regions]
+        self.task_size = task_size
+        self.encoding = {k: dict(v) for k, v in (encoding or {}).items()}
+        self.retries = retries
+        self.progress = progress
+        self.session, self.owns_session = _open_session(target, branch)
+        self.branch = self.session.branch
+        self._plan: WritePlan | None = None
+        self._info: TemplateInfo | None = None
+        self._offsets: dict[str, int] = {}
+        self.records: list[TaskRecord] = []
+        self.executor_name = ""
+
+    # -- planning and checking, before anything is written
+    def _existing(self) -> tuple[dict[str, dict[str, int]], xr.Dataset | None]:
+        group = _group_of(self.session, self.group)
+        names = [str(n) for n in self.template.variables]
+        if self.mode == "w-":
+            if group is not None:
+                present = sorted(set(names) & {k for k, _ in group.arrays()})
+                if present:
+                    raise TemplateMismatchError(
+                        f"group {self.group or '/'!r} already holds {present}; mode='w-' only "
+                        "creates. Use mode='w' to overwrite, 'r+' to write into them, or 'a' "
+                        "to append."
+                    )
+            return {}, None
+        if self.mode == "w":
+            return {}, None
+        if group is None:
+            raise TemplateMismatchError(
+                f"mode={self.mode!r} writes into existing arrays, but group "
+                f"{self.group or '/'!r} does not exist; use mode='w-' to create it"
+            )
+        existing = xr.open_zarr(
+            self.session.session.store, group=self.group, consolidated=False, chunks=None
+        )
+        units: dict[str, dict[str, int]] = {}
+        arrays = dict(group.arrays())
+        for name, var in self.template.data_vars.items():
+            name = str(name)
+            if name not in existing.data_vars or name not in arrays:
+                raise TemplateMismatchError(
+                    f"variable {name!r} is not in the store (group {self.group or '/'!r}); "
+                    f"mode={self.mode!r} only writes into existing arrays"
+                )
+            old = existing[name]
+            if old.dims != var.dims:
+                raise TemplateMismatchError(
+                    f"{name!r}: the store has dims {old.dims}, the template {var.dims}"
+                )
+            for dim in var.dims:
+                if dim != self.append_dim and old.sizes[dim] != var.sizes[dim]:
+                    raise TemplateMismatchError(
+                        f"{name!r}: size along {dim!r} is {old.sizes[dim]} in the store and "
+                        f"{var.sizes[dim]} in the template"
+                    )
+            if old.dtype != var.dtype:
+                raise TemplateMismatchError(
+                    f"{name!r}: the store holds {old.dtype}, the template {var.dtype}"
+                )
+            array = arrays[name]
+            grid = array.shards or array.chunks
+            units[name] = {str(d): int(c) for d, c in zip(var.dims, grid, strict=True)}
+            wanted = _normalise_chunks(
+                self.encoding.get(name, {}).get("shards")
+                or self.encoding.get(name, {}).get("chunks"),
+                var.variable,
+            )
+            if wanted and wanted != units[name]:
+                raise TemplateMismatchError(
+                    f"{name!r}: encoding asks for chunks {wanted}, the store has {units[name]}"
+                )
+        if self.append_dim is not None:
+            self._offsets = {self.append_dim: int(existing.sizes[self.append_dim])}
+        return units, existing
+
+    def plan(self, *, parallelism: int | None = None) -> list[Region]:
+        """Plan and validate the regions (in source coordinates); nothing is written.
+
+        Parameters
+        ----------
+        parallelism : int, optional
+            Workers the default task size should keep busy.
+
+        Returns
+        -------
+        list of dict
+            The regions.
+        """
+        if self._plan is None:
+            existing_units, _ = self._existing()
+            info = describe_template(
+                self.template,
+                encoding=self.encoding,
+                region_dims=self.region_dims,
+                existing_units=existing_units,
+            )
+            self._plan = build_plan(
+                dims=info.dims,
+                units=info.units,
+                itemsizes=info.itemsizes,
+                sizes=info.sizes,
+                offsets=self._offsets,
+                region_dims=info.region_dims if self.regions is None else self.region_dims,
+                regions=self.regions,
+                task_size=self.task_size,
+                parallelism=parallelism,
+                require_cover=self.mode != "r+",
+            )
+            self._info = info
+        return self._plan.regions
+
+    def _described(self) -> TemplateInfo:
+        self.plan()
+        assert self._info is not None
+        return self._info
+
+    @property
+    def write_plan(self) -> WritePlan:
+        """The validated plan (planning first if needed)."""
+        self.plan()
+        assert self._plan is not None
+        return self._plan
+
+    def _task_input(self, index: int, snapshot: SessionSnapshot) -> _TaskInput:
+        plan, info = self.write_plan, self._info
+        assert info is not None
+        region = plan.regions[index]
+        expect = {}
+        for name, dims in plan.dims.items():
+            shape = tuple(
+                (region[d].stop - region[d].start) if d in region else plan.sizes[d] for d in dims
+            )
+            expect[name] = (dims, shape, self.template[name].dtype)
+        piece = None
+        if self.source is not None:
+            piece = self.source[list(plan.dims)].isel(region)
+            piece = piece.drop_vars(list(piece.coords))
+        return _TaskInput(
+            index=index,
+            attempt=0,
+            snapshot=snapshot,
+            piece=piece,
+            loader=self.loader,
+            region=region,
+            abs_region=plan.absolute(region),
+            group=self.group,
+            expect=expect,
+            units=plan.units,
+        )
+
+    def check_picklable(self) -> None:
+        """Raise :class:`UnpicklableSourceError` if tasks cannot be shipped to processes."""
+        import cloudpickle
+
+        if not self.write_plan.regions:
+            return
+        what = "loader" if self.loader is not None else "source dataset"
+        obj: Any = self.loader if self.loader is not None else None
+        try:
+            if self.loader is not None:
+                cloudpickle.dumps(self.loader)
+            else:
+                obj = self._task_input(0, None).piece  # type: ignore[arg-type]
+                cloudpickle.dumps(obj)
+        except Exception as exc:
+            raise UnpicklableSourceError(
+                f"the {what} {obj!r:.200} cannot be pickled for worker processes ({exc}). "
+                "Use executor='threads', or make it picklable: a module-level function "
+                "instead of a closure over open files or locks, or a loader that opens the "
+                "data inside the task."
+            ) from exc
+
+    # -- writing
+    def _metadata_template(self) -> xr.Dataset:
+        import dask.array as da
+
+        info = self._described()
+        meta = self.template.copy()
+        for name, units in info.all_units.items():
+            var = meta[name].variable
+            chunks = tuple(units[str(d)] for d in var.dims)
+            meta[name] = var.copy(
+                deep=False, data=da.empty(var.shape, chunks=chunks, dtype=var.dtype)
+            )
+        lazy = {k: v.compute() for k, v in meta.coords.items() if v.chunks is not None}
+        return meta.assign_coords(lazy) if lazy else meta
+
+    def write_metadata(self) -> None:
+        """Write array metadata and coordinates (mode ``a``: grow the arrays first)."""
+        info = self._described()
+        if self.mode == "r+":
+            return
+        meta = self._metadata_template()
+        store = self.session.store
+        if self.mode == "a":
+            meta.to_zarr(
+                store,
+                group=self.group,
+                mode="a",
+                append_dim=self.append_dim,
+                compute=False,
+                consolidated=False,
+            )
+            return
+        encoding: dict[str, dict[str, Any]] = {k: dict(v) for k, v in self.encoding.items()}
+        for name, units in info.all_units.items():
+            enc = encoding.setdefault(name, {})
+            var = meta[name]
+            if "shards" in enc:
+                enc["shards"] = tuple(units[str(d)] for d in var.dims)
+            else:
+                enc["chunks"] = tuple(units[str(d)] for d in var.dims)
+        mode: Mode = self.mode
+        if mode == "w-" and _group_of(self.session, self.group) is not None:
+            mode = "a"  # the group exists without these arrays: add them
+        meta.to_zarr(
+            store,
+            group=self.group,
+            mode=mode,
+            compute=False,
+            consolidated=False,
+            encoding=encoding,
+        )
+
+    def write_eager(self) -> None:
+        """Write the data variables without a region dimension (once, here)."""
+        info = self._described()
+        if not info.eager_vars:
+            return
+        if self.loader is not None:
+            data = self.template[list(info.eager_vars)]
+        else:
+            assert self.source is not None
+            data = self.source[list(info.eager_vars)]
+        data = _load(data.drop_vars(list(data.coords)))
+        for var in data.variables.values():
+            var.encoding = {}
+        data.to_zarr(self.session.store, group=self.group, mode="r+", consolidated=False)
+
+    def write_regions(
+        self, executor: Any = "threads", *, workers: int | None = None
+    ) -> list[TaskRecord]:
+        """Run one task per region on ``executor``; merge results as they arrive.
+
+        Parameters
+        ----------
+        executor : str, concurrent.futures.Executor or Adapter
+            Where tasks run (see :func:`run_region_writes`).
+        workers : int, optional
+            Pool size, for pools the library starts.
+
+        Returns
+        -------
+        list of TaskRecord
+            One per region.
+
+        Raises
+        ------
+        RegionWriteError
+            Some regions failed on every attempt; their writes were not merged.
+        """
+        adapter = get_adapter(executor, workers=workers)
+        try:
+            return self._write_regions(adapter)
+        finally:
+            if adapter is not executor:
+                adapter.close()
+
+    def _write_regions(self, adapter: Adapter) -> list[TaskRecord]:
+        plan = self.write_plan
+        caps = adapter.capabilities
+        self.executor_name = adapter.name
+        if caps.crosses_processes:
+            self.check_picklable()
+        n = len(plan.regions)
+        records: list[TaskRecord | None] = [None] * n
+        failures: list[TaskFailure] = []
+        bar = _progress_bar(self.progress, n)
+        with self.session.allow_pickling() as snapshot:
+
+            def make_arg(i: int, attempt: int) -> Any:
+                inp = self._task_input(i, snapshot._fresh())
+                inp.attempt = attempt
+                if caps.crosses_processes:
+                    import cloudpickle
+
+                    return cloudpickle.dumps(inp)
+                return inp
+
+            def on_success(i: int, out: _TaskOutput, attempts: int) -> None:
+                assert out.snapshot is not None
+                merge_sessions(self.session, out.snapshot)
+                records[i] = TaskRecord(
+                    i, plan.regions[i], out.seconds, attempts, out.worker, out.n_chunks, out.nbytes
+                )
+
+            def on_failure(i: int, out: Any, attempts: int) -> None:
+                if isinstance(out, _TaskOutput):
+                    failures.append(
+                        TaskFailure(
+                            i,
+                            plan.regions[i],
+                            out.error or "",
+                            out.exception,
+                            attempts,
+                            out.traceback,
+                        )
+                    )
+                else:
+                    failures.append(TaskFailure(i, plan.regions[i], _describe(out), out, attempts))
+
+            def on_event(event: ProgressEvent) -> None:
+                if bar is not None:
+                    bar(event)
+                if callable(self.progress) and not isinstance(self.progress, bool):
+                    self.progress(event)
+
+            run_loop(
+                adapter,
+                _run_task,
+                n,
+                make_arg,
+                retries=self.retries,
+                is_success=lambda out: isinstance(out, _TaskOutput) and out.ok,
+                describe_error=_describe,
+                on_success=on_success,
+                on_failure=on_failure,
+                on_event=on_event,
+            )
+        if bar is not None:
+            bar(None)
+        if failures:
+            failures.sort(key=lambda f: f.index)
+            lines = "\n".join(
+                f"  region #{f.index} ({_fmt(f.region)}), {f.attempts} attempt(s): {f.error}"
+                for f in failures[:10]
+            )
+            more = f"\n  ... and {len(failures) - 10} more" if len(failures) > 10 else ""
+            raise RegionWriteError(
+                f"{len(failures)} of {n} region(s) failed after {self.retries + 1} attempt(s) "
+                f"each; nothing was committed.\n{lines}{more}",
+                failures,
+            )
+        self.records = [r for r in records if r is not None]
+        return self.records
+
+    def commit(self, message: str | None = None, metadata: Mapping[str, Any] | None = None) -> str:
+        """Commit everything in one snapshot, rebasing over unrelated concurrent commits.
+
+        Parameters
+        ----------
+        message : str, optional
+            Commit message; a summary of the run by default.
+        metadata : dict, optional
+            Extra commit metadata (the run's own record is under ``"icechunk_distributed"``).
+
+        Returns
+        -------
+        str
+            The new snapshot id.
+
+        Raises
+        ------
+        CommitConflictError
+            Another commit changed the same chunks or metadata meanwhile; nothing was committed.
+        """
+        plan = self.write_plan
+        record = {
+            "version": __version__,
+            "executor": self.executor_name,
+            "mode": self.mode,
+            "group": self.group or "/",
+            "n_regions": len(plan.regions),
+            "n_chunks": sum(r.n_chunks for r in self.records),
+            "region_dims": list(plan.region_dims),
+        }
+        meta = {**dict(metadata or {}), "icechunk_distributed": record}
+        message = message or (
+            f"icechunk-distributed: {len(plan.regions)} regions, mode {self.mode!r}, "
+            f"{self.executor_name or 'no executor'}"
+        )
+        try:
+            return self.session.commit(message, meta, rebase_with=icechunk.ConflictDetector())
+        except (icechunk.ConflictError, icechunk.RebaseFailedError) as exc:
+            raise CommitConflictError(
+                f"another commit on branch {self.branch!r} changed the same chunks or metadata "
+                f"while this run was writing ({exc}). Nothing was committed; the branch shows "
+                "only the other commit. Re-run to write on top of it."
+            ) from exc
+
+
+def _describe(out: Any) -> str:
+    if isinstance(out, _TaskOutput):
+        return out.error or "failed"
+    if isinstance(out, BaseException):
+        return f"{type(out).__name__}: {out}"
+    return repr(out)
+
+
+def _fmt(region: Region) -> str:
+    return ", ".join(f"{d}={s.start}:{s.stop}" for d, s in region.items()) or "everything"
+
+
+def _progress_bar(progress: Progress, total: int) -> Callable[[ProgressEvent | None], None] | None:
+    show = sys.stderr.isatty() if progress is None else progress is True
+    if not show:
+        return None
+    try:
+        from tqdm.auto import tqdm
+    except ImportError:  # pragma: no cover - tqdm is a dependency
+        return None
+    bar = tqdm(total=total, desc="regions", unit="region")
+
+    def update(event: ProgressEvent | None) -> None:
+        if event is None:
+            bar.close()
+        elif event.kind == "done":
+            bar.update(1)
+        elif event.kind in ("retry", "failed"):
+            bar.set_postfix(retries=event.attempt, failed=event.n_failed, refresh=False)
+
+    return update
+
+
+def run_region_writes(
+    source: xr.Dataset | Loader,
+    target: Repository | Session | DistributedSession,
+    *,
+    executor: Any = "threads",
+    template: xr.Dataset | None = None,
+    branch: str = "main",
+    group: str | None = None,
+    mode: Mode = "w-",
+    append_dim: str | None = None,
+    region_dims: Sequence[str] | None = None,
+    regions: Sequence[Mapping[str, slice]] | None = None,
+    task_size: int | str | None = None,
+    encoding: Mapping[str, Mapping[str, Any]] | None = None,
+    message: str | None = None,
+    metadata: Mapping[str, Any] | None = None,
+    retries: int = 2,
+    progress: Progress = None,
+    commit: bool = True,
+    workers: int | None = None,
+) -> WriteResult:
+    """Write ``source`` into an Icechunk repository region-parallel, and commit once.
+
+    Plans chunk-aligned regions, checks them, writes metadata, coordinates and variables
+    without a region dimension on the coordinator, runs one task per region on ``executor``,
+    merges results as they finish, retries failed regions, and makes one commit. On any error
+    nothing is committed and the branch is exactly as it was.
+
+    Parameters
+    ----------
+    source : xarray.Dataset or callable
+        A Dataset (numpy-, dask- or lazily file-backed), or ``load(region) -> Dataset`` that
+        builds the region's piece inside the task (then ``template=`` is required).
+    target : icechunk.Repository, icechunk.Session or DistributedSession
+        A repository (a writable session on ``branch`` is opened and committed) or a writable
+        session (used as is; with ``commit=False`` it is left uncommitted for the caller).
+    executor : str, concurrent.futures.Executor or Adapter, default "threads"
+        ``"serial"``, ``"threads"``, ``"processes"`` (forkserver/spawn), ``"joblib"`` (loky,
+        honouring ``joblib.parallel_config``), or a ``ThreadPoolExecutor``/``ProcessPoolExecutor``.
+    template : xarray.Dataset, optional
+        Full shape, dtypes, coordinates and attributes; required with a loader.
+    branch : str, default "main"
+        Branch to commit to (with a repository target).
+    group : str, optional
+        Zarr group to write into.
+    mode : {"w-", "w", "r+", "a"}, default "w-"
+        Create (refuse existing arrays), overwrite, write regions into existing arrays, or
+        append along ``append_dim``.
+    append_dim : str, optional
+        The dimension to grow, with ``mode="a"``.
+    region_dims : sequence of str, optional
+        Dimensions to split (default: those along which the data variables are chunked).
+    regions : sequence of dict, optional
+        Explicit regions (``{dim: slice}``, in source coordinates), validated like planned ones.
+    task_size : int or str, optional
+        Chunks per task, or bytes such as ``"128MB"``; automatic by default.
+    encoding : dict, optional
+        As in ``Dataset.to_zarr`` (``chunks``, ``shards``, compressors, ...).
+    message : str, optional
+        Commit message.
+    metadata : dict, optional
+        Extra commit metadata.
+    retries : int, default 2
+        Extra attempts per failed region (each on a fresh copy of the fork).
+    progress : bool or callable, optional
+        ``True`` for a tqdm bar (default: when stderr is a terminal), or a callback receiving
+        :class:`~icechunk_distributed.runner.ProgressEvent`.
+    commit : bool, default True
+        Commit at the end; ``False`` leaves the merged session uncommitted (session targets).
+    workers : int, optional
+        Pool size for executors started by name.
+
+    Returns
+    -------
+    WriteResult
+        Snapshot id, counts, bytes, seconds and per-task records.
+    """
+    t0 = time.perf_counter()
+    writer = RegionWriter(
+        source,
+        target,
+        template=template,
+        branch=branch,
+        group=group,
+        mode=mode,
+        append_dim=append_dim,
+        region_dims=region_dims,
+        regions=regions,
+        task_size=task_size,
+        encoding=encoding,
+        retries=retries,
+        progress=progress,
+    )
+    adapter = get_adapter(executor, workers=workers)
+    try:
+        writer.plan(parallelism=adapter.capabilities.parallelism)
+        if adapter.capabilities.crosses_processes:
+            writer.check_picklable()  # before anything is written
+        writer.write_metadata()
+        writer.write_eager()
+        records = writer._write_regions(adapter)
+        snapshot_id = writer.commit(message, metadata) if commit else None
+    except BaseException:
+        if writer.owns_session and not writer.session.read_only:
+            writer.session.discard_changes()  # nothing was committed: drop it all
+        raise
+    finally:
+        if adapter is not executor:
+            adapter.close()
+    plan = writer.write_plan
+    return WriteResult(
+        snapshot_id=snapshot_id,
+        branch=writer.branch,
+        n_regions=len(plan.regions),
+        n_chunks=sum(r.n_chunks for r in records),
+        bytes_written=sum(r.nbytes for r in records),
+        seconds=time.perf_counter() - t0,
+        tasks=records,
+        executor=adapter.name,
+        session=writer.session,
+    )
