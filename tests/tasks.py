@@ -29,3 +29,53 @@ def touch_store(snapshot):
     """Use the snapshot's store (in a fork child this must fail fast, not hang)."""
     zarr.open_group(snapshot.store, mode="r")
     return snapshot
+
+
+def full_dataset(n_time: int = 12, calendar: str | None = "noleap"):
+    """The runner tests' dataset: cftime (or datetime64) time, 2-D coords, NaNs, attrs, and a
+    variable without the time dimension."""
+    import cftime
+    import xarray as xr
+
+    ds = small_dataset(n_time=n_time)
+    if calendar is not None:
+        times = [
+            cftime.datetime(2026, 1, 1 + i // 24, i % 24, calendar=calendar) for i in range(n_time)
+        ]
+        ds = ds.assign_coords(time=xr.DataArray(np.array(times), dims="time"))
+    ds["Tair"].attrs["long_name"] = "air temperature"
+    ds["mask"] = (("y", "x"), (ds["lat"].values > 0).astype("i1"), {"meaning": "north"})
+    ds["station"] = (("time",), np.arange(n_time, dtype="i4"))
+    return ds
+
+
+def load_region(region):
+    """A loader: builds its own piece of the dataset inside the task."""
+    return full_dataset().isel(region)
+
+
+class FlakyLoader:
+    """Fails the first ``fail_times`` calls for each region, counting calls in files (so the
+    count is exact across processes)."""
+
+    def __init__(self, directory, fail_times=1, always_fail=None):
+        self.directory = str(directory)
+        self.fail_times = fail_times
+        self.always_fail = always_fail  # a region start along time that never succeeds
+
+    def __call__(self, region):
+        import os
+
+        start = region["time"].start
+        key = f"{start}-{region['time'].stop}"
+        n = len([f for f in os.listdir(self.directory) if f.startswith(key + ".")]) + 1
+        with open(os.path.join(self.directory, f"{key}.{n}"), "w"):
+            pass
+        if start == self.always_fail or n <= self.fail_times:
+            raise OSError(f"transient failure #{n} for time={key}")
+        return load_region(region)
+
+
+def wrong_shape_loader(region):
+    piece = load_region(region)
+    return piece.isel(time=slice(0, 1))

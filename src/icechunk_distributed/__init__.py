@@ -7,6 +7,7 @@ Importing this package imports no executor (ray, lithops, dask, joblib).
 
 from icechunk_distributed._version import __version__
 from icechunk_distributed.adapters import Adapter, Capabilities
+from icechunk_distributed.arrays import store_arrays
 from icechunk_distributed.errors import (
     CommitConflictError,
     DistributedWriteError,
@@ -65,5 +66,6 @@ __all__ = [
     "merge_sessions",
     "plan_regions",
     "run_region_writes",
+    "store_arrays",
     "writable_session",
 ]

@@ -517,9 +517,15 @@ class RegionWriter:
                 f"mode={self.mode!r} writes into existing arrays, but group "
                 f"{self.group or '/'!r} does not exist; use mode='w-' to create it"
             )
-        existing = xr.open_zarr(
-            self.session.session.store, group=self.group, consolidated=False, chunks=None
-        )
+        try:
+            existing = xr.open_zarr(
+                self.session.session.store, group=self.group, consolidated=False, chunks=None
+            )
+        except (KeyError, ValueError) as exc:
+            raise TemplateMismatchError(
+                f"group {self.group or '/'!r} cannot be read as an xarray Dataset ({exc}); "
+                f"mode={self.mode!r} needs the arrays written by xarray (with dimension names)"
+            ) from exc
         units: dict[str, dict[str, int]] = {}
         arrays = dict(group.arrays())
         for name, var in self.template.data_vars.items():
@@ -687,6 +693,7 @@ class RegionWriter:
                 append_dim=self.append_dim,
                 compute=False,
                 consolidated=False,
+                safe_chunks=False,  # the lazy arrays are never written: no chunk is shared
             )
             return
         encoding: dict[str, dict[str, Any]] = {k: dict(v) for k, v in self.encoding.items()}
