@@ -88,12 +88,11 @@ def test_append(repo, executor, kind):
     if kind == "dataset":
         source, template = rest, None
     else:
+        # A lambda as loader: shipped to worker processes with cloudpickle.
         source, template = (
             (lambda r: load_region({"time": slice(r["time"].start + 7, r["time"].stop + 7)})),
             rest,
         )
-        if executor in ("processes", "joblib"):
-            pytest.skip("a closure-based loader is covered on threads; processes use load_region")
     result = run_region_writes(
         source, repo, executor=executor, template=template, mode="a", append_dim="time",
         progress=False,
@@ -305,4 +304,17 @@ def test_sharded_write(repo):
     ds = full_dataset(n_time=24)
     enc = {"Tair": {"chunks": (1, 6, 8), "shards": (4, 6, 8)}, "station": {"chunks": (4,)}}
     run_region_writes(ds, repo, encoding=enc, executor="threads", progress=False)
+    assert_written(repo, ds)
+
+
+def test_two_region_dims_and_variables_lacking_one(repo):
+    """Tair is split along time and y; station (time only) and mask (y, x) lack a region dim,
+    so the coordinator writes them once instead of every task rewriting them."""
+    ds = full_dataset()
+    enc = {"Tair": {"chunks": (2, 3, 8)}, "station": {"chunks": (2,)}}
+    result = run_region_writes(ds, repo, encoding=enc, region_dims=["time", "y"], task_size=1,
+                               progress=False)  # fmt: skip
+    assert result.n_regions == 12
+    assert {tuple(r.region) for r in result.tasks} == {("time", "y")}
+    assert result.n_chunks == 12  # Tair only
     assert_written(repo, ds)

@@ -183,7 +183,11 @@ def build_plan(
     offsets = dict(offsets or {})
     if region_dims is None:
         if regions:
-            region_dims = sorted({d for r in regions for d in r}, key=list(sizes).index)
+            order = list(sizes)
+            region_dims = sorted(
+                {d for r in regions for d in r},
+                key=lambda d: order.index(d) if d in order else len(order),
+            )
         else:
             region_dims = _default_region_dims(dims, units, sizes)
     region_dims = tuple(region_dims)

@@ -73,7 +73,7 @@ class TemplateInfo:
     units: dict[str, dict[str, int]]  # region variables only
     itemsizes: dict[str, int]
     all_units: dict[str, dict[str, int]]  # every data variable
-    eager_vars: tuple[str, ...]  # data variables without a region dim: the coordinator's
+    eager_vars: tuple[str, ...]  # data variables lacking a region dim: the coordinator's
 
 
 def _normalise_chunks(chunks: Any, var: xr.Variable) -> dict[str, int] | None:
@@ -149,7 +149,9 @@ def describe_template(
     eager: list[str] = []
     for name in all_units:
         var_dims = tuple(str(d) for d in template[name].dims)
-        if set(var_dims) & set(region_dims):
+        # Tasks write variables that have every region dim; the coordinator writes the rest
+        # once (splitting along a dim a variable lacks would make several tasks write it).
+        if set(region_dims) <= set(var_dims):
             dims[name] = var_dims
         else:
             eager.append(name)
