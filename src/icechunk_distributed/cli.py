@@ -19,7 +19,9 @@ def _parser() -> argparse.ArgumentParser:
         "demo",
         help="write a synthetic dataset in parallel into a local repository and verify it",
     )
-    demo.add_argument("--executor", choices=["processes", "threads"], default="processes")
+    demo.add_argument(
+        "--executor", choices=["processes", "threads", "joblib", "serial"], default="processes"
+    )
     demo.add_argument("--workers", type=int, default=None, help="pool size (default: CPUs)")
     demo.add_argument("--mb", type=float, default=64.0, help="dataset size in MB (default 64)")
     demo.add_argument(

@@ -1,26 +1,25 @@
 """The demo: write a synthetic dataset into a local repository in parallel, then verify it.
 
-Each task regenerates its own piece of the dataset from the region it is given (the pattern
-where workers open or compute their data themselves), so no array data crosses processes:
-only the session snapshot travels, and its writes come back with it.
+It is one :func:`~icechunk_distributed.run_region_writes` call with a loader: each task builds
+its own piece of the dataset from its region (the pattern where workers open or compute their
+data themselves), so no array data crosses processes; only the session snapshot travels, and
+its writes come back with it.
 """
 
 from __future__ import annotations
 
-import multiprocessing
 import os
 import shutil
 import sys
 import tempfile
 import time
-from concurrent.futures import Executor, ProcessPoolExecutor, ThreadPoolExecutor, as_completed
 from dataclasses import dataclass
 from typing import TextIO
 
 import numpy as np
 import xarray as xr
 
-from icechunk_distributed.session import SessionSnapshot, merge_sessions, writable_session
+from icechunk_distributed.writer import run_region_writes
 
 __all__ = ["DemoResult", "DemoSpec", "run_demo", "synthetic_dataset"]
 
@@ -123,13 +122,15 @@ def _template(spec: DemoSpec) -> xr.Dataset:
     )
 
 
-def _write_piece(
-    snapshot: SessionSnapshot, spec: DemoSpec, start: int, stop: int
-) -> SessionSnapshot:
-    # Coordinates were written once by the coordinator: write only the region's data.
-    piece = synthetic_dataset(spec, start, stop).drop_vars(["time", "lat", "lon"])
-    piece.to_zarr(snapshot.store, region={"time": slice(start, stop)}, consolidated=False)
-    return snapshot
+@dataclass(frozen=True)
+class _Loader:
+    """Builds one region of the demo dataset inside the task: no data crosses processes."""
+
+    spec: DemoSpec
+
+    def __call__(self, region: dict[str, slice]) -> xr.Dataset:
+        time = region.get("time", slice(0, self.spec.n_time))
+        return synthetic_dataset(self.spec, time.start, time.stop)
 
 
 @dataclass(frozen=True)
@@ -154,18 +155,6 @@ class DemoResult:
         )
 
 
-def _executor(name: str, workers: int) -> Executor:
-    if name == "threads":
-        return ThreadPoolExecutor(workers)
-    if name == "processes":
-        # Never 'fork': icechunk's runtime does not survive it.
-        method = (
-            "forkserver" if "forkserver" in multiprocessing.get_all_start_methods() else "spawn"
-        )
-        return ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context(method))
-    raise ValueError(f"unknown executor {name!r}; choose 'threads' or 'processes'")
-
-
 def run_demo(
     *,
     executor: str = "processes",
@@ -173,13 +162,14 @@ def run_demo(
     megabytes: float = 64.0,
     path: str | None = None,
     out: TextIO | None = None,
+    progress: bool | None = None,
 ) -> DemoResult:
     """Write the synthetic dataset in parallel into a local repository and verify it.
 
     Parameters
     ----------
-    executor : {"processes", "threads"}
-        Where the region writes run.
+    executor : str
+        Where the region writes run: any name ``run_region_writes`` accepts.
     workers : int, optional
         Pool size; the number of CPUs by default.
     megabytes : float
@@ -188,6 +178,8 @@ def run_demo(
         Repository directory (must not exist yet); a temporary one, removed afterwards, by default.
     out : file, optional
         Where progress lines go (stderr by default).
+    progress : bool, optional
+        A progress bar (default: when stderr is a terminal).
 
     Returns
     -------
@@ -205,25 +197,25 @@ def run_demo(
         path = os.path.join(tmp, "repo")
     try:
         repo = icechunk.Repository.create(icechunk.local_filesystem_storage(path))
-        starts = list(range(0, spec.n_time, spec.time_chunk))
         print(
-            f"demo: {spec.nbytes / 1e6:.1f} MB ({spec.n_time}x{spec.ny}x{spec.nx} float32) "
-            f"in {len(starts)} regions on {workers} {executor}",
+            f"demo: {spec.nbytes / 1e6:.1f} MB ({spec.n_time}x{spec.ny}x{spec.nx} float32), "
+            f"{spec.n_time // spec.time_chunk} chunks, on {workers} {executor}",
             file=out,
         )
         t0 = time.perf_counter()
-        session = writable_session(repo, "main")
-        _template(spec).to_zarr(session.store, compute=False, consolidated=False, mode="w-")
-        with _executor(executor, workers) as pool, session.allow_pickling() as snapshot:
-            futures = [
-                pool.submit(_write_piece, snapshot, spec, s, min(s + spec.time_chunk, spec.n_time))
-                for s in starts
-            ]
-            for future in as_completed(futures):
-                merge_sessions(session, future.result())  # merge as results arrive
-        snapshot_id = session.commit(
-            f"demo: {len(starts)} regions with {executor}", {"tool": "icechunk-distributed demo"}
+        result = run_region_writes(
+            _Loader(spec),
+            repo,
+            template=_template(spec),
+            executor=executor,
+            workers=workers,
+            task_size=1,  # one chunk of time steps per task: shows the fan-out
+            message=f"demo: {spec.n_time} time steps with {executor}",
+            metadata={"tool": "icechunk-distributed demo"},
+            progress=progress,
         )
+        snapshot_id = result.snapshot_id
+        assert snapshot_id is not None
         seconds = time.perf_counter() - t0
 
         readback = xr.open_zarr(
@@ -231,7 +223,7 @@ def run_demo(
         ).load()
         xr.testing.assert_identical(readback, synthetic_dataset(spec))
         kept = None if tmp is not None else path
-        return DemoResult(executor, len(starts), spec.nbytes, seconds, snapshot_id, kept)
+        return DemoResult(executor, result.n_regions, spec.nbytes, seconds, snapshot_id, kept)
     finally:
         if tmp is not None:
             shutil.rmtree(tmp, ignore_errors=True)
