@@ -13,6 +13,7 @@ import icechunk_distributed as icd
 from conftest import read_back
 from icechunk_distributed import (
     CommitConflictError,
+    InvalidRegionError,
     RegionWriteError,
     RegionWriter,
     plan_regions,
@@ -318,3 +319,33 @@ def test_two_region_dims_and_variables_lacking_one(repo):
     assert {tuple(r.region) for r in result.tasks} == {("time", "y")}
     assert result.n_chunks == 12  # Tair only
     assert_written(repo, ds)
+
+
+def test_progress_callback_and_bar(repo, capsys):
+    ds = full_dataset()
+    events = []
+    result = run_region_writes(ds, repo, encoding=ENC, progress=events.append, task_size=1)
+    assert [e.kind for e in events] == ["done"] * 6
+    assert sorted(e.index for e in events) == list(range(6))
+    assert events[-1].n_done == 6
+    assert events[-1].n_total == 6
+    assert all(t.worker and t.seconds >= 0 for t in result.tasks)
+    run_region_writes(ds + 1, repo, mode="r+", progress=True, task_size=1)
+    assert "6/6" in capsys.readouterr().err
+
+
+def test_store_arrays_explicit_regions_are_validated(repo):
+    session = icd.writable_session(repo)
+    a = zarr.create_array(session.store, name="a", shape=(10,), chunks=(4,), dtype="f8")
+    with pytest.raises(InvalidRegionError, match="chunk size 4"):
+        store_arrays(np.arange(10.0), a, regions=[(slice(0, 5),), (slice(5, 10),)])
+    merged = store_arrays(np.arange(10.0), a, regions=[(slice(0, 8),), (slice(8, 10),)])
+    merged.commit("explicit")
+    np.testing.assert_array_equal(
+        zarr.open_array(repo.readonly_session("main").store, path="a")[:], np.arange(10.0)
+    )
+
+
+def test_unknown_executor_object(repo):
+    with pytest.raises(TypeError, match="cannot use 'object' as an executor"):
+        run_region_writes(full_dataset(), repo, executor=object())
