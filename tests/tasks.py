@@ -79,3 +79,22 @@ class FlakyLoader:
 def wrong_shape_loader(region):
     piece = load_region(region)
     return piece.isel(time=slice(0, 1))
+
+
+class DieOnce:
+    """A loader whose first call kills its worker process outright (no exception, no cleanup)."""
+
+    def __init__(self, directory):
+        self.directory = str(directory)
+
+    def __call__(self, region):
+        import multiprocessing
+        import os
+
+        flag = os.path.join(self.directory, "died")
+        in_worker = multiprocessing.parent_process() is not None
+        if in_worker and not os.path.exists(flag):
+            with open(flag, "w"):
+                pass
+            os._exit(1)
+        return load_region(region)

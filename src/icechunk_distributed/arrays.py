@@ -12,7 +12,11 @@ import icechunk
 import numpy as np
 
 from icechunk_distributed.adapters import get_adapter
-from icechunk_distributed.errors import RegionWriteError, TemplateMismatchError
+from icechunk_distributed.errors import (
+    RegionWriteError,
+    TemplateMismatchError,
+    UnpicklableSourceError,
+)
 from icechunk_distributed.planning import WritePlan, build_plan
 from icechunk_distributed.session import DistributedSession, SessionSnapshot, merge_sessions
 from icechunk_distributed.writer import (
@@ -115,12 +119,23 @@ def store_arrays(
     -------
     DistributedSession
         The targets' session with every region merged in, not committed.
+
+    Raises
+    ------
+    RegionWriteError
+        Some regions failed on every attempt. The regions that succeeded are merged into the
+        session (uncommitted): commit what is there, or ``discard_changes()``.
     """
     single = not isinstance(targets, list | tuple)
     srcs: list[Any] = [sources] if single else list(sources)
     tgts: list[Any] = [targets] if single else list(targets)
     if len(srcs) != len(tgts):
         raise ValueError(f"{len(srcs)} sources for {len(tgts)} targets")
+    paths = [t.path for t in tgts]
+    if len(set(paths)) != len(paths):
+        raise ValueError(
+            f"targets {paths} name the same array more than once: each array takes one source"
+        )
     if not all(isinstance(t.store, icechunk.IcechunkStore) for t in tgts):
         raise TypeError("targets must be zarr arrays opened on an icechunk session's store")
     base = tgts[0].store.session
@@ -150,6 +165,20 @@ def store_arrays(
     work = [(k, r) for k, (_, p) in enumerate(plans) for r in p.regions]
     adapter = get_adapter(executor, workers=workers)
     crosses = adapter.capabilities.crosses_processes
+    if crosses:
+        import cloudpickle
+
+        for k, (path, _) in enumerate(plans):
+            first = tuple(slice(0, min(1, n)) for n in srcs[k].shape)
+            try:
+                cloudpickle.dumps(srcs[k][first])
+            except Exception as exc:
+                if adapter is not executor:
+                    adapter.close()
+                raise UnpicklableSourceError(
+                    f"the source for {path!r} cannot be pickled for worker processes ({exc}); "
+                    "use executor='threads'"
+                ) from exc
     failures: list[TaskFailure] = []
     bar = _progress_bar(progress, len(work))
     try:

@@ -83,6 +83,7 @@ def run_loop(
             yield i, make_arg(i, attempts[i])
 
     retry: list[int] = []
+    outstanding: set[int] = set()
 
     def failed(i: int, result: Any) -> None:
         nonlocal n_failed
@@ -95,28 +96,50 @@ def run_loop(
             on_failure(i, result, attempts[i])
             emit("failed", i, error)
 
+    def _drain(results: Any) -> None:
+        nonlocal n_done
+        while True:
+            # Only the engine's own iteration is guarded: an exception from our callbacks
+            # (a refused merge, say) must propagate, never pass for an engine failure.
+            try:
+                i, result = next(results)
+            except StopIteration:
+                return
+            except Exception as exc:
+                # The engine failed as a whole (e.g. joblib lost a worker): every task of
+                # this round without a result failed this attempt.
+                for j in sorted(outstanding):
+                    if j in started or not started:
+                        if j not in started:
+                            attempts[j] += 1
+                        failed(j, exc)
+                    else:
+                        retry.append(j)
+                outstanding.clear()
+                return
+            outstanding.discard(i)
+            if is_success(result):
+                on_success(i, result, attempts[i])
+                n_done += 1
+                emit("done", i)
+            else:
+                failed(i, result)
+
     while pending:
-        outstanding = set(pending)
+        outstanding.clear()
+        outstanding.update(pending)
         started.clear()
         retry.clear()
+        results = adapter.map_unordered(fn, items(pending))
         try:
-            for i, result in adapter.map_unordered(fn, items(pending)):
-                outstanding.discard(i)
-                if is_success(result):
-                    on_success(i, result, attempts[i])
-                    n_done += 1
-                    emit("done", i)
-                else:
-                    failed(i, result)
-        except Exception as exc:
-            # The engine failed as a whole (e.g. joblib lost a worker): every task of this
-            # round without a result failed this attempt.
-            # Tasks never handed over are not charged an attempt, unless nothing could start.
-            for i in sorted(outstanding):
-                if i in started or not started:
-                    if i not in started:
-                        attempts[i] += 1
-                    failed(i, exc)
-                else:
-                    retry.append(i)
+            _drain(results)
+        finally:
+            close = getattr(results, "close", None)
+            if close is not None:
+                close()  # cancels what has not started, also when a callback raised
+        # An engine that ended without answering for some task: that attempt failed.
+        for j in sorted(outstanding):
+            if j not in started:
+                attempts[j] += 1
+            failed(j, RuntimeError(f"the executor returned no result for task {j}"))
         pending = list(retry)

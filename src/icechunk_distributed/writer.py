@@ -87,7 +87,7 @@ def _normalise_chunks(chunks: Any, var: xr.Variable) -> dict[str, int] | None:
     if len(chunks) != var.ndim:
         return None
     return {
-        str(d): int(var.sizes[d] if c in (None, -1) else c)
+        str(d): max(1, int(var.sizes[d] if c in (None, -1) else c))
         for d, c in zip(var.dims, chunks, strict=True)
     }
 
@@ -99,8 +99,8 @@ def _units_of(name: str, var: xr.Variable, encoding: Mapping[str, Any]) -> dict[
         if units:
             return units
     if var.chunks is not None:  # dask: the first chunk along each dim
-        return {str(d): int(c[0]) for d, c in zip(var.dims, var.chunks, strict=True)}
-    return {str(d): int(var.sizes[d]) for d in var.dims}
+        return {str(d): max(1, int(c[0])) for d, c in zip(var.dims, var.chunks, strict=True)}
+    return {str(d): max(1, int(var.sizes[d])) for d in var.dims}
 
 
 def describe_template(
@@ -414,6 +414,12 @@ def _group_of(session: DistributedSession, group: str | None) -> Any:
         return None
 
 
+_ENCODING_KEYS = frozenset(
+    {"dtype", "scale_factor", "add_offset", "_FillValue", "missing_value", "units", "calendar"}
+    | {"chunks", "shards", "compressors", "filters", "serializer", "write_empty_chunks"}
+)
+
+
 class RegionWriter:
     """The steps of :func:`run_region_writes`, for users who want to look in between.
 
@@ -583,10 +589,24 @@ class RegionWriter:
         """
         if self._plan is None:
             existing_units, _ = self._existing()
+            region_dims = self.region_dims
+            if region_dims is None and self.regions is not None:
+                order = [str(d) for d in self.template.dims]
+                keys = {d for r in self.regions for d in r}
+                region_dims = tuple([d for d in order if d in keys] + sorted(keys - set(order)))
+            if self.append_dim is not None:
+                # Appending always splits along the append dim: tasks must write into the
+                # grown part of the arrays, never over what is there.
+                if region_dims is None:
+                    region_dims = describe_template(
+                        self.template, encoding=self.encoding, existing_units=existing_units
+                    ).region_dims
+                if self.append_dim not in region_dims:
+                    region_dims = (*region_dims, self.append_dim)
             info = describe_template(
                 self.template,
                 encoding=self.encoding,
-                region_dims=self.region_dims,
+                region_dims=region_dims,
                 existing_units=existing_units,
             )
             self._plan = build_plan(
@@ -595,7 +615,7 @@ class RegionWriter:
                 itemsizes=info.itemsizes,
                 sizes=info.sizes,
                 offsets=self._offsets,
-                region_dims=info.region_dims if self.regions is None else self.region_dims,
+                region_dims=info.region_dims,
                 regions=self.regions,
                 task_size=self.task_size,
                 parallelism=parallelism,
@@ -680,13 +700,19 @@ class RegionWriter:
         lazy = {k: v.compute() for k, v in meta.coords.items() if v.chunks is not None}
         return meta.assign_coords(lazy) if lazy else meta
 
+    def _base_store(self) -> Any:
+        # The base session's own store, whichever thread calls: forks made afterwards (the
+        # tasks' seed) must see these writes.
+        self.session._coordinator.invalidate_seed()
+        return self.session.session.store
+
     def write_metadata(self) -> None:
         """Write array metadata and coordinates (mode ``a``: grow the arrays first)."""
         info = self._described()
         if self.mode == "r+":
             return
         meta = self._metadata_template()
-        store = self.session.store
+        store = self._base_store()
         if self.mode == "a":
             meta.to_zarr(
                 store,
@@ -700,12 +726,15 @@ class RegionWriter:
             return
         encoding: dict[str, dict[str, Any]] = {k: dict(v) for k, v in self.encoding.items()}
         for name, units in info.all_units.items():
-            enc = encoding.setdefault(name, {})
             var = meta[name]
-            if "shards" in enc:
-                enc["shards"] = tuple(units[str(d)] for d in var.dims)
+            # xarray replaces a variable's own encoding with the one passed here: keep it.
+            own = {k: v for k, v in var.encoding.items() if k in _ENCODING_KEYS}
+            enc = encoding[name] = {**own, **encoding.get(name, {})}
+            grid = tuple(units[str(d)] for d in var.dims)
+            if enc.get("shards") is not None:
+                enc["shards"] = grid
             else:
-                enc["chunks"] = tuple(units[str(d)] for d in var.dims)
+                enc["chunks"] = grid
         mode: Mode = self.mode
         if mode == "w-" and _group_of(self.session, self.group) is not None:
             mode = "a"  # the group exists without these arrays: add them
@@ -719,19 +748,51 @@ class RegionWriter:
         )
 
     def write_eager(self) -> None:
-        """Write the data variables without a region dimension (once, here)."""
+        """Write the data variables that lack a region dimension (once, here).
+
+        With a loader source they come from ``load(full extent)``, restricted to those
+        variables, never from the template (whose data may be placeholders).
+        """
         info = self._described()
         if not info.eager_vars:
             return
+        names = list(info.eager_vars)
         if self.loader is not None:
-            data = self.template[list(info.eager_vars)]
+            full = {d: slice(0, info.sizes[d]) for d in info.region_dims}
+            data = self.loader(full)
+            missing = [n for n in names if not isinstance(data, xr.Dataset) or n not in data]
+            if missing:
+                raise TemplateMismatchError(
+                    f"the loader, called with the full extent {full}, returned no {missing}; "
+                    "variables without a region dimension are read from it once"
+                )
+            for name in names:
+                if data[name].shape != self.template[name].shape:
+                    raise TemplateMismatchError(
+                        f"the loader returned {name!r} with shape {data[name].shape}, the "
+                        f"template has {self.template[name].shape}"
+                    )
+            data = data[names]
         else:
             assert self.source is not None
-            data = self.source[list(info.eager_vars)]
+            data = self.source[names]
         data = _load(data.drop_vars(list(data.coords)))
         for var in data.variables.values():
             var.encoding = {}
-        data.to_zarr(self.session.store, group=self.group, mode="r+", consolidated=False)
+        store = self._base_store()
+        grown = [n for n in names if self.append_dim in data[n].dims]
+        if grown:  # mode "a": these were grown; write into the new part only
+            o, n = self._offsets[str(self.append_dim)], info.sizes[str(self.append_dim)]
+            data[grown].to_zarr(
+                store,
+                group=self.group,
+                mode="r+",
+                region={str(self.append_dim): slice(o, o + n)},
+                consolidated=False,
+            )
+        rest = [n for n in names if n not in grown]
+        if rest:
+            data[rest].to_zarr(store, group=self.group, mode="r+", consolidated=False)
 
     def write_regions(
         self, executor: Any = "threads", *, workers: int | None = None

@@ -7,6 +7,7 @@ import os
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import (
     FIRST_COMPLETED,
+    BrokenExecutor,
     Executor,
     Future,
     ProcessPoolExecutor,
@@ -58,7 +59,13 @@ class FuturesAdapter(Adapter):
         Whether :meth:`close` shuts the pool down.
     """
 
-    def __init__(self, executor: Executor, *, owned: bool = False) -> None:
+    def __init__(
+        self,
+        executor: Executor,
+        *,
+        owned: bool = False,
+        factory: Callable[[], Executor] | None = None,
+    ) -> None:
         if isinstance(executor, ProcessPoolExecutor):
             context = getattr(executor, "_mp_context", None)
             if context is not None and context.get_start_method() == "fork":
@@ -70,6 +77,7 @@ class FuturesAdapter(Adapter):
                 )
         self.executor = executor
         self.owned = owned
+        self._factory = factory
         self._crosses = not isinstance(executor, ThreadPoolExecutor)
         workers = getattr(executor, "_max_workers", None)
         self._parallelism = int(workers) if workers else (os.cpu_count() or 1)
@@ -81,13 +89,24 @@ class FuturesAdapter(Adapter):
     @classmethod
     def threads(cls, workers: int | None = None) -> FuturesAdapter:
         """A thread pool owned by the adapter."""
-        return cls(ThreadPoolExecutor(workers or min(32, (os.cpu_count() or 1) + 4)), owned=True)
+        n = workers or min(32, (os.cpu_count() or 1) + 4)
+        return cls(ThreadPoolExecutor(n), owned=True, factory=lambda: ThreadPoolExecutor(n))
 
     @classmethod
     def processes(cls, workers: int | None = None) -> FuturesAdapter:
         """A ``forkserver`` (or ``spawn``) process pool owned by the adapter."""
-        pool = ProcessPoolExecutor(workers or os.cpu_count() or 1, mp_context=safe_mp_context())
-        return cls(pool, owned=True)
+        n = workers or os.cpu_count() or 1
+
+        def factory() -> Executor:
+            return ProcessPoolExecutor(n, mp_context=safe_mp_context())
+
+        return cls(factory(), owned=True, factory=factory)
+
+    def _renew(self, broken: Executor) -> None:
+        """Replace a pool broken by a dead worker, when we own it (retries then run there)."""
+        if self.owned and self._factory is not None and self.executor is broken:
+            broken.shutdown(wait=False, cancel_futures=True)
+            self.executor = self._factory()
 
     @property
     def capabilities(self) -> Capabilities:
@@ -100,7 +119,7 @@ class FuturesAdapter(Adapter):
         """Keep ``2 x parallelism`` tasks in flight; yield each as it completes."""
         limit = 2 * self._parallelism
         source = iter(items)
-        pending: dict[Future[Any], Any] = {}
+        pending: dict[Future[Any], tuple[Any, Executor]] = {}
         exhausted = False
         try:
             while True:
@@ -110,16 +129,26 @@ class FuturesAdapter(Adapter):
                     except StopIteration:
                         exhausted = True
                         break
-                    pending[self.executor.submit(fn, arg)] = key
+                    pool = self.executor
+                    try:
+                        pending[pool.submit(fn, arg)] = (key, pool)
+                    except Exception as exc:  # the pool is broken or shut down
+                        if isinstance(exc, BrokenExecutor):
+                            self._renew(pool)
+                        yield key, exc
                 if not pending:
                     return
                 done, _ = wait(pending, return_when=FIRST_COMPLETED)
                 for future in done:
-                    key = pending.pop(future)
+                    key, pool = pending.pop(future)
                     try:
-                        yield key, future.result()
+                        result = future.result()
                     except Exception as exc:  # a worker died, the pool broke, ...
+                        if isinstance(exc, BrokenExecutor):
+                            self._renew(pool)
                         yield key, exc
+                    else:
+                        yield key, result
         finally:
             for future in pending:
                 future.cancel()

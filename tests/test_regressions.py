@@ -1,0 +1,112 @@
+"""Regression tests for bugs found in review: each one lost data, hung or failed late."""
+
+import threading
+
+import dask.array as da
+import numpy as np
+import pytest
+import xarray as xr
+import zarr
+
+import icechunk_distributed as icd
+from conftest import read_back
+from icechunk_distributed import run_region_writes, store_arrays
+from icechunk_distributed.adapters.local import SerialAdapter
+from icechunk_distributed.runner import run_loop
+from tasks import DieOnce, full_dataset, load_region
+
+ENC = {"Tair": {"chunks": (2, 6, 8)}, "station": {"chunks": (2,)}}
+
+
+def test_an_exception_in_the_merge_callback_propagates():
+    """It used to pass for an engine failure: the task was dropped and the run 'succeeded'."""
+
+    def on_success(i, result, attempts):
+        if i == 1:
+            raise OSError("merge failed")
+
+    with pytest.raises(OSError, match="merge failed"):
+        run_loop(
+            SerialAdapter(), lambda x: x, 3, lambda i, a: i, retries=0,
+            is_success=lambda r: True, describe_error=str,
+            on_success=on_success, on_failure=lambda *a: None,
+        )  # fmt: skip
+
+
+def test_store_arrays_refuses_one_target_twice(repo):
+    session = icd.writable_session(repo)
+    z = zarr.create_array(session.store, name="z", shape=(8,), chunks=(2,), dtype="i8")
+    with pytest.raises(ValueError, match="more than once"):
+        store_arrays([np.arange(8), np.arange(8) * 100], [z, z])
+
+
+def test_loader_eager_variables_come_from_the_loader_not_the_template(repo):
+    ds = full_dataset()
+    template = ds.copy(data={k: da.zeros(v.shape, dtype=v.dtype) for k, v in ds.data_vars.items()})
+    run_region_writes(load_region, repo, template=template, encoding=ENC, progress=False)
+    xr.testing.assert_identical(read_back(repo), ds)  # mask is the loader's, not zeros
+
+
+@pytest.mark.parametrize(
+    ("chunk", "existing", "appended"), [(1, 10, 1), (4, 8, 4), (4, 8, 3), (4, 6, 4)]
+)
+def test_append_smaller_than_a_chunk(repo, chunk, existing, appended):
+    ds = full_dataset(n_time=existing + appended)
+    enc = {"Tair": {"chunks": (chunk, 6, 8)}, "station": {"chunks": (chunk,)}}
+    run_region_writes(ds.isel(time=slice(0, existing)), repo, encoding=enc, progress=False)
+    run_region_writes(ds.isel(time=slice(existing, None)), repo, mode="a", append_dim="time",
+                      progress=False)  # fmt: skip
+    xr.testing.assert_identical(read_back(repo), ds)
+
+
+def test_append_with_an_eager_variable_along_the_append_dim(repo):
+    ds = full_dataset(n_time=12)
+    enc = {"Tair": {"chunks": (2, 3, 8)}, "station": {"chunks": (2,)}}
+    run_region_writes(ds.isel(time=slice(0, 8)), repo, encoding=enc, progress=False)
+    result = run_region_writes(ds.isel(time=slice(8, None)), repo, mode="a", append_dim="time",
+                               progress=False)  # fmt: skip
+    assert {tuple(t.region) for t in result.tasks} == {("time", "y")}  # station is eager
+    xr.testing.assert_identical(read_back(repo), ds)
+
+
+def test_a_dead_worker_is_retried_on_a_fresh_pool(repo, tmp_path):
+    ds = full_dataset()
+    result = run_region_writes(DieOnce(tmp_path), repo, template=ds.chunk({"time": 2}),
+                               executor="processes", task_size=1, progress=False)  # fmt: skip
+    xr.testing.assert_identical(read_back(repo), ds)
+    assert max(t.attempts for t in result.tasks) == 2
+
+
+def test_run_from_another_thread_than_the_session_owner(repo):
+    ds = full_dataset()
+    session = icd.writable_session(repo)
+    errors = []
+
+    def run():
+        try:
+            run_region_writes(ds, session, encoding=ENC, progress=False)
+        except Exception as exc:  # reported below
+            errors.append(exc)
+
+    thread = threading.Thread(target=run)
+    thread.start()
+    thread.join(120)
+    assert not errors
+    xr.testing.assert_identical(read_back(repo), ds)
+
+
+def test_variable_encoding_is_kept(repo):
+    ds = full_dataset()
+    ds["Tair"] = ds["Tair"].fillna(0)
+    ds["Tair"].encoding = {"dtype": "int16", "scale_factor": 0.001, "_FillValue": -9999}
+    run_region_writes(ds, repo, encoding=ENC, progress=False)
+    raw = zarr.open_array(repo.readonly_session("main").store, path="Tair")
+    assert raw.dtype == np.dtype("int16")
+    np.testing.assert_allclose(read_back(repo)["Tair"].values, ds["Tair"].values, atol=1e-3)
+
+
+def test_zero_length_dimension(repo):
+    ds = full_dataset().isel(time=slice(0, 0))
+    assert icd.plan_regions(ds) == [{}]  # nothing to split: one task
+    run_region_writes(ds, repo, progress=False)
+    xr.testing.assert_identical(read_back(repo), ds)
