@@ -759,7 +759,13 @@ class RegionWriter:
         names = list(info.eager_vars)
         if self.loader is not None:
             full = {d: slice(0, info.sizes[d]) for d in info.region_dims}
-            data = self.loader(full)
+            for attempt in range(self.retries + 1):  # the same retries as the tasks get
+                try:
+                    data = self.loader(full)
+                    break
+                except Exception:
+                    if attempt == self.retries:
+                        raise
             missing = [n for n in names if not isinstance(data, xr.Dataset) or n not in data]
             if missing:
                 raise TemplateMismatchError(
