@@ -19,6 +19,7 @@ __all__ = [
     "InvalidRegionError",
     "NotASnapshotError",
     "OverlappingWritesError",
+    "PayloadTooLargeError",
     "PicklingNotAllowedError",
     "RegionWriteError",
     "SessionStateError",
@@ -92,6 +93,14 @@ class TemplateMismatchError(DistributedWriteError, ValueError):
 
 class UnpicklableSourceError(DistributedWriteError, TypeError):
     """The source or loader cannot be shipped to worker processes. Raised before any task."""
+
+
+class PayloadTooLargeError(DistributedWriteError, ValueError):
+    """A task's arguments exceed what the engine accepts (Lithops' ``data_limit``).
+
+    Raised before anything is written. Use a loader source, so tasks ship regions instead of
+    data, or raise the engine's limit.
+    """
 
 
 class RegionWriteError(DistributedWriteError, RuntimeError):

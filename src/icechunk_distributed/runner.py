@@ -1,9 +1,9 @@
-"""The generic loop: fan tasks out through an adapter, retry failures, report progress.
+"""The generic loop: fan tasks out through an adapter, batch, retry failures, report progress.
 
 It knows nothing about any engine: adapters turn ``(fn, arg)`` into results in completion
 order; this loop decides what to run next. Each attempt gets a freshly built argument (for
 region writes: a fresh copy of the session fork), so a failed attempt's writes are never
-merged.
+merged. Engines with an expensive call (Lithops) get several tasks per call.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any, Literal
 if TYPE_CHECKING:
     from icechunk_distributed.adapters import Adapter
 
-__all__ = ["ProgressEvent", "run_loop"]
+__all__ = ["ProgressEvent", "run_batch", "run_loop"]
 
 
 @dataclass(frozen=True)
@@ -45,6 +45,11 @@ class ProgressEvent:
     error: str | None = None
 
 
+def run_batch(fn: Callable[[Any], Any], args: list[Any]) -> list[Any]:
+    """Run ``fn`` over ``args`` in one call (one engine call, several tasks)."""
+    return [fn(arg) for arg in args]
+
+
 def run_loop(
     adapter: Adapter,
     fn: Callable[[Any], Any],
@@ -57,33 +62,30 @@ def run_loop(
     on_success: Callable[[int, Any, int], None],
     on_failure: Callable[[int, Any, int], None],
     on_event: Callable[[ProgressEvent], None] | None = None,
+    batch_size: Callable[[int], int] | None = None,
+    pack: Callable[[list[Any]], Any] | None = None,
 ) -> None:
     """Run ``fn(make_arg(i, attempt))`` for ``i`` in ``range(n)``, retrying up to ``retries``.
 
     ``result`` given to the callbacks is what the task returned, or the exception the engine
     raised for it (a dead worker, a broken pool). ``on_success`` is called as each task
     succeeds (merge there: nothing is held back); ``on_failure`` once per task that used all
-    its attempts. Rounds: tasks that fail are retried after the current round's tasks have
-    all been handed to the engine.
+    its attempts. Exceptions raised by the callbacks end the run. Rounds: tasks that fail are
+    retried after the current round's tasks have all been handed to the engine.
+
+    With ``batch_size`` (tasks per call, given the tasks pending in a round), the adapter runs
+    ``fn(pack([arg, ...]))``, which must return one result per argument, in order.
     """
     attempts = [0] * n
     pending = list(range(n))
     n_done = n_failed = 0
+    started: set[int] = set()
+    retry: list[int] = []
+    outstanding: set[int] = set()
 
     def emit(kind: Literal["done", "retry", "failed"], i: int, error: str | None = None) -> None:
         if on_event is not None:
             on_event(ProgressEvent(kind, i, attempts[i], n_done, n_failed, n, error))
-
-    started: set[int] = set()
-
-    def items(keys: list[int]) -> Any:
-        for i in keys:
-            attempts[i] += 1
-            started.add(i)
-            yield i, make_arg(i, attempts[i])
-
-    retry: list[int] = []
-    outstanding: set[int] = set()
 
     def failed(i: int, result: Any) -> None:
         nonlocal n_failed
@@ -96,13 +98,27 @@ def run_loop(
             on_failure(i, result, attempts[i])
             emit("failed", i, error)
 
-    def _drain(results: Any) -> None:
+    def calls(keys: list[int]) -> Any:
+        size = batch_size(len(keys)) if batch_size is not None else 1
+        for start in range(0, len(keys), size):
+            group = tuple(keys[start : start + size])
+            args = []
+            for i in group:
+                attempts[i] += 1
+                started.add(i)
+                args.append(make_arg(i, attempts[i]))
+            if batch_size is None:
+                yield group, args[0]
+            else:
+                yield group, (pack(args) if pack is not None else args)
+
+    def drain(results: Any) -> None:
         nonlocal n_done
         while True:
             # Only the engine's own iteration is guarded: an exception from our callbacks
             # (a refused merge, say) must propagate, never pass for an engine failure.
             try:
-                i, result = next(results)
+                group, result = next(results)
             except StopIteration:
                 return
             except Exception as exc:
@@ -117,22 +133,29 @@ def run_loop(
                         retry.append(j)
                 outstanding.clear()
                 return
-            outstanding.discard(i)
-            if is_success(result):
-                on_success(i, result, attempts[i])
-                n_done += 1
-                emit("done", i)
+            if batch_size is None:
+                pairs = [(group[0], result)]
+            elif isinstance(result, BaseException) or not isinstance(result, list):
+                pairs = [(i, result) for i in group]  # the whole call failed
             else:
-                failed(i, result)
+                pairs = list(zip(group, result, strict=True))
+            for i, res in pairs:
+                outstanding.discard(i)
+                if is_success(res):
+                    on_success(i, res, attempts[i])
+                    n_done += 1
+                    emit("done", i)
+                else:
+                    failed(i, res)
 
     while pending:
         outstanding.clear()
         outstanding.update(pending)
         started.clear()
         retry.clear()
-        results = adapter.map_unordered(fn, items(pending))
+        results = adapter.map_unordered(fn, calls(pending))
         try:
-            _drain(results)
+            drain(results)
         finally:
             close = getattr(results, "close", None)
             if close is not None:

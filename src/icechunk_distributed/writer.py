@@ -9,6 +9,7 @@ and one commit publishes everything, or nothing is committed.
 
 from __future__ import annotations
 
+import functools
 import os
 import socket
 import sys
@@ -24,16 +25,17 @@ import numpy as np
 import xarray as xr
 
 from icechunk_distributed._version import __version__
-from icechunk_distributed.adapters import Adapter, get_adapter
+from icechunk_distributed.adapters import Adapter, Capabilities, get_adapter
 from icechunk_distributed.errors import (
     CommitConflictError,
+    PayloadTooLargeError,
     RegionWriteError,
     SessionStateError,
     TemplateMismatchError,
     UnpicklableSourceError,
 )
 from icechunk_distributed.planning import Region, WritePlan, build_plan
-from icechunk_distributed.runner import ProgressEvent, run_loop
+from icechunk_distributed.runner import ProgressEvent, run_batch, run_loop
 from icechunk_distributed.session import (
     DistributedSession,
     SessionSnapshot,
@@ -502,6 +504,7 @@ class RegionWriter:
         self._info: TemplateInfo | None = None
         self._offsets: dict[str, int] = {}
         self.records: list[TaskRecord] = []
+        self._item_bytes = 0
         self.executor_name = ""
 
     # -- planning and checking, before anything is written
@@ -663,20 +666,38 @@ class RegionWriter:
             units=plan.units,
         )
 
-    def check_picklable(self) -> None:
-        """Raise :class:`UnpicklableSourceError` if tasks cannot be shipped to processes."""
+    def check_picklable(self, max_arg_bytes: int | None = None) -> int:
+        """Raise if tasks cannot be shipped to processes; return one task's payload bytes.
+
+        Parameters
+        ----------
+        max_arg_bytes : int, optional
+            The engine's limit on a call's arguments (Lithops' ``data_limit``).
+
+        Returns
+        -------
+        int
+            Pickled size of the first task's data (or loader).
+
+        Raises
+        ------
+        UnpicklableSourceError
+            The source or loader cannot be pickled.
+        PayloadTooLargeError
+            One task's data is over ``max_arg_bytes``.
+        """
         import cloudpickle
 
         if not self.write_plan.regions:
-            return
+            return 0
         what = "loader" if self.loader is not None else "source dataset"
         obj: Any = self.loader if self.loader is not None else None
         try:
             if self.loader is not None:
-                cloudpickle.dumps(self.loader)
+                size = len(cloudpickle.dumps(self.loader))
             else:
                 obj = self._task_input(0, None).piece  # type: ignore[arg-type]
-                cloudpickle.dumps(obj)
+                size = len(cloudpickle.dumps(obj))
         except Exception as exc:
             raise UnpicklableSourceError(
                 f"the {what} {obj!r:.200} cannot be pickled for worker processes ({exc}). "
@@ -684,6 +705,15 @@ class RegionWriter:
                 "instead of a closure over open files or locks, or a loader that opens the "
                 "data inside the task."
             ) from exc
+        if max_arg_bytes is not None and size > 0.8 * max_arg_bytes:
+            raise PayloadTooLargeError(
+                f"one task's data is {size / 2**20:.1f} MiB pickled, over the engine's limit of "
+                f"{max_arg_bytes / 2**20:.0f} MiB per call. Pass a loader (load(region) -> "
+                "Dataset, with template=) so tasks ship regions instead of data, use a smaller "
+                "task_size, or raise the limit (Lithops: config['lithops']['data_limit'] in MiB)."
+            )
+        self._item_bytes = size
+        return size
 
     # -- writing
     def _metadata_template(self) -> xr.Dataset:
@@ -834,7 +864,7 @@ class RegionWriter:
         caps = adapter.capabilities
         self.executor_name = adapter.name
         if caps.crosses_processes:
-            self.check_picklable()
+            self.check_picklable(caps.max_arg_bytes)
         n = len(plan.regions)
         records: list[TaskRecord | None] = [None] * n
         failures: list[TaskFailure] = []
@@ -878,11 +908,13 @@ class RegionWriter:
                 if callable(self.progress) and not isinstance(self.progress, bool):
                     self.progress(event)
 
+            batch_size = _batch_rule(caps, self._item_bytes)
             run_loop(
                 adapter,
-                _run_task,
+                _run_task if batch_size is None else functools.partial(run_batch, _run_task),
                 n,
                 make_arg,
+                batch_size=batch_size,
                 retries=self.retries,
                 is_success=lambda out: isinstance(out, _TaskOutput) and out.ok,
                 describe_error=_describe,
@@ -950,6 +982,25 @@ class RegionWriter:
                 f"while this run was writing ({exc}). Nothing was committed; the branch shows "
                 "only the other commit. Re-run to write on top of it."
             ) from exc
+
+
+def _batch_rule(caps: Capabilities, item_bytes: int) -> Callable[[int], int] | None:
+    """Tasks per call, for engines whose calls are expensive (None: one task per call).
+
+    At most 2 calls per worker slot per round, and never more data per call than the engine
+    accepts.
+    """
+    if caps.per_call_overhead <= 0:
+        return None
+    cap = None
+    if caps.max_arg_bytes and item_bytes:
+        cap = max(1, int(0.8 * caps.max_arg_bytes) // (item_bytes + 2048))
+
+    def size(n_pending: int) -> int:
+        per_call = max(1, -(-n_pending // (2 * max(1, caps.parallelism))))
+        return per_call if cap is None else min(per_call, cap)
+
+    return size
 
 
 def _describe(out: Any) -> str:
@@ -1082,7 +1133,7 @@ def run_region_writes(
     try:
         writer.plan(parallelism=adapter.capabilities.parallelism)
         if adapter.capabilities.crosses_processes:
-            writer.check_picklable()  # before anything is written
+            writer.check_picklable(adapter.capabilities.max_arg_bytes)  # before any write
         writer.write_metadata()
         writer.write_eager()
         records = writer._write_regions(adapter)

@@ -8,6 +8,7 @@ its engine needs (pickling across processes, batching, ...). Engines are importe
 from __future__ import annotations
 
 import abc
+import types
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Executor
 from dataclasses import dataclass
@@ -38,13 +39,16 @@ class Capabilities:
     supports_cancel : bool
         Queued tasks can be cancelled on failure or interrupt.
     per_call_overhead : float
-        Rough seconds of overhead per task, used to batch regions into fewer calls.
+        Rough seconds of overhead per call; above zero, the loop batches tasks into fewer calls.
+    max_arg_bytes : int or None
+        Largest pickled call argument the engine accepts (Lithops' ``data_limit``).
     """
 
     crosses_processes: bool
     parallelism: int
     supports_cancel: bool = True
     per_call_overhead: float = 0.0
+    max_arg_bytes: int | None = None
 
 
 class Adapter(abc.ABC):
@@ -79,7 +83,7 @@ class Adapter(abc.ABC):
 
 def known_executors() -> list[str]:
     """Names accepted by ``executor=``."""
-    return ["serial", "threads", "processes", "joblib"]
+    return ["serial", "threads", "processes", "joblib", "ray", "lithops", "dask"]
 
 
 def get_adapter(executor: Any, *, workers: int | None = None) -> Adapter:
@@ -87,9 +91,11 @@ def get_adapter(executor: Any, *, workers: int | None = None) -> Adapter:
 
     Parameters
     ----------
-    executor : str, Adapter or concurrent.futures.Executor
-        ``"serial"``, ``"threads"``, ``"processes"``, ``"joblib"``; an :class:`Adapter`; or a
-        ``ThreadPoolExecutor``/``ProcessPoolExecutor``/any ``concurrent.futures.Executor``.
+    executor : str, Adapter or engine object
+        ``"serial"``, ``"threads"``, ``"processes"``, ``"joblib"``, ``"ray"``, ``"lithops"``,
+        ``"dask"``; an :class:`Adapter`; the ``ray`` module, a ``distributed.Client``, a
+        ``lithops.FunctionExecutor``; or any ``concurrent.futures.Executor``
+        (``client.get_executor()``, loky's reusable executor, ``MPIPoolExecutor``, ...).
     workers : int, optional
         Pool size for executors the library starts itself.
 
@@ -114,13 +120,40 @@ def get_adapter(executor: Any, *, workers: int | None = None) -> Adapter:
             from icechunk_distributed.adapters.joblib import JoblibAdapter
 
             return JoblibAdapter(n_jobs=workers)
+        if name == "ray":
+            from icechunk_distributed.adapters.ray import RayAdapter
+
+            return RayAdapter(num_cpus=workers)
+        if name == "lithops":
+            from icechunk_distributed.adapters.lithops import LithopsAdapter
+
+            return LithopsAdapter(workers=workers)
+        if name == "dask":
+            from icechunk_distributed.adapters.dask import DaskAdapter
+
+            return DaskAdapter(workers=workers)
         raise ValueError(
             f"unknown executor {executor!r}; known names: {', '.join(known_executors())}. "
             "You can also pass a concurrent.futures Executor instance."
         )
+    # Engine objects, recognised without importing their engines.
+    module = getattr(type(executor), "__module__", "") or ""
+    if isinstance(executor, types.ModuleType) and executor.__name__ == "ray":
+        from icechunk_distributed.adapters.ray import RayAdapter
+
+        return RayAdapter()
+    if module.startswith("distributed") and type(executor).__name__ == "Client":
+        from icechunk_distributed.adapters.dask import DaskAdapter
+
+        return DaskAdapter(executor)
+    if module.startswith("lithops") and hasattr(executor, "map") and hasattr(executor, "wait"):
+        from icechunk_distributed.adapters.lithops import LithopsAdapter
+
+        return LithopsAdapter(executor, workers=workers)
     if isinstance(executor, Executor):
         return local.FuturesAdapter(executor)
     raise TypeError(
         f"cannot use {type(executor).__name__!r} as an executor: pass one of "
-        f"{known_executors()}, a concurrent.futures.Executor, or an Adapter"
+        f"{known_executors()}, a distributed.Client, a lithops.FunctionExecutor, the ray "
+        "module, a concurrent.futures.Executor, or an Adapter"
     )

@@ -1,0 +1,108 @@
+"""Dask distributed: tasks as ``Client.submit(..., pure=False)`` futures."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Iterator
+from typing import Any
+
+from icechunk_distributed.adapters import Adapter, Capabilities, Outcome
+
+__all__ = ["DaskAdapter"]
+
+
+def _import_distributed() -> Any:
+    try:
+        import distributed
+    except ImportError as exc:  # pragma: no cover - depends on the environment
+        raise ImportError(
+            "executor='dask' needs dask.distributed: pip install 'icechunk-distributed[dask]'"
+        ) from exc
+    return distributed
+
+
+class DaskAdapter(Adapter):
+    """Run tasks on a dask ``Client``: the one given, the current one, or a local cluster.
+
+    Parameters
+    ----------
+    client : distributed.Client, optional
+        The client. Without one, the current client (``get_client()``) is used, else a
+        ``LocalCluster(processes=True)`` is started and closed afterwards.
+    workers : int, optional
+        Workers of a cluster started by the adapter.
+
+    Notes
+    -----
+    Every submit is ``pure=False``: identical calls must not collapse into one. Dask's own
+    retries are not used (the library retries on a fresh fork); dask may still re-run a task
+    whose worker died, which is safe because a task's fork is only merged once it succeeded.
+    """
+
+    name = "dask"
+
+    def __init__(self, client: Any = None, *, workers: int | None = None) -> None:
+        distributed = _import_distributed()
+        self._owned: list[Any] = []
+        if client is None:
+            try:
+                client = distributed.get_client()
+            except ValueError:
+                cluster = distributed.LocalCluster(
+                    n_workers=workers, threads_per_worker=1, processes=True, dashboard_address=None
+                )
+                client = distributed.Client(cluster)
+                self._owned = [client, cluster]
+        self.client = client
+
+    @property
+    def capabilities(self) -> Capabilities:
+        """Tasks cross processes; one per worker thread runs at once."""
+        threads = sum(self.client.nthreads().values()) or 1
+        return Capabilities(crosses_processes=True, parallelism=threads)
+
+    def map_unordered(
+        self, fn: Callable[[Any], Any], items: Iterable[tuple[Any, Any]]
+    ) -> Iterator[Outcome]:
+        """Submit with bounded tasks in flight; yield as ``as_completed`` returns them."""
+        distributed = _import_distributed()
+        limit = 2 * self.capabilities.parallelism
+        source = iter(items)
+        keys: dict[Any, Any] = {}
+        queue = distributed.as_completed()
+        exhausted = False
+
+        def top_up() -> None:
+            nonlocal exhausted
+            while not exhausted and len(keys) < limit:
+                try:
+                    key, arg = next(source)
+                except StopIteration:
+                    exhausted = True
+                    return
+                future = self.client.submit(fn, arg, pure=False)
+                keys[future] = key
+                queue.add(future)
+
+        try:
+            top_up()
+            while keys:
+                future = next(queue)
+                key = keys.pop(future)
+                try:
+                    result = future.result()
+                except Exception as exc:  # the task raised or its worker was lost for good
+                    yield key, exc
+                else:
+                    yield key, result
+                finally:
+                    future.release()
+                top_up()
+        finally:
+            for future in keys:
+                future.cancel()
+
+    def close(self) -> None:
+        """Close the client and cluster if this adapter started them."""
+        for thing in self._owned:
+            thing.close()
+        self._owned = []
