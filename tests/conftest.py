@@ -2,11 +2,17 @@ import os
 
 # Local-filesystem storage warns about concurrent committers on every open; tests commit once.
 os.environ.setdefault("ICECHUNK_LOG", "error")
+os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+# Worker processes of every engine (Ray, Lithops, dask) import the test helpers (tasks.py).
+_here = os.path.dirname(os.path.abspath(__file__))
+os.environ["PYTHONPATH"] = os.pathsep.join(
+    p for p in [_here, os.environ.get("PYTHONPATH", "")] if p
+)
 
-import icechunk
-import numpy as np
-import pytest
-import xarray as xr
+import icechunk  # noqa: E402 - after the environment above, which icechunk reads on import
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+import xarray as xr  # noqa: E402
 
 
 def make_repo(path) -> icechunk.Repository:

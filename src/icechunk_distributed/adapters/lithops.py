@@ -98,6 +98,7 @@ class LithopsAdapter(Adapter):
         )
         limit = getattr(executor, "config", {}).get("lithops", {}).get("data_limit", DATA_LIMIT_MIB)
         self.data_limit = int(limit * 2**20) if limit else None
+        self.n_calls = 0  # Lithops calls made, for the record (each costs ~0.4 s or more)
 
     @property
     def capabilities(self) -> Capabilities:
@@ -123,6 +124,7 @@ class LithopsAdapter(Adapter):
         keys = [k for k, _ in batch]
         args = [cloudpickle.dumps((fn, a)) for _, a in batch]
         futures = self.executor.map(_call, args, include_modules=[])
+        self.n_calls += len(args)
         index = {id(f): k for f, k in zip(futures, keys, strict=True)}
         pending = list(futures)
         while pending:

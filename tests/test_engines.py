@@ -1,0 +1,163 @@
+"""The distributed engines for real: a local Ray, Lithops' localhost backend, a dask
+LocalCluster (each started once per test session), by name and as objects."""
+
+import pytest
+import xarray as xr
+
+from conftest import make_repo, read_back
+from icechunk_distributed import (
+    PayloadTooLargeError,
+    RegionWriteError,
+    run_region_writes,
+)
+from tasks import DieOnce, FlakyLoader, ShiftedLoader, full_dataset
+
+ENC = {"Tair": {"chunks": (2, 6, 8)}, "station": {"chunks": (2,)}}
+
+
+@pytest.fixture(scope="session")
+def ray_engine():
+    ray = pytest.importorskip("ray")
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    yield ray
+    ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def dask_client():
+    distributed = pytest.importorskip("distributed")
+    cluster = distributed.LocalCluster(
+        n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None
+    )
+    client = distributed.Client(cluster)
+    yield client
+    client.close()
+    cluster.close()
+
+
+@pytest.fixture(scope="session")
+def lithops_executor():
+    lithops = pytest.importorskip("lithops")
+    from icechunk_distributed.adapters.lithops import localhost_config
+
+    fexec = lithops.FunctionExecutor(config=localhost_config(2), log_level=None)
+    yield fexec
+    fexec.clean()
+
+
+@pytest.fixture(params=["ray", "ray-module", "dask", "dask-client", "dask-executor", "lithops",
+                        "lithops-executor"])  # fmt: skip
+def engine(request):
+    """An ``executor=`` value: a name, or the engine's own object."""
+    kind = request.param
+    if kind.startswith("ray"):
+        ray = request.getfixturevalue("ray_engine")
+        return "ray" if kind == "ray" else ray
+    if kind.startswith("dask"):
+        client = request.getfixturevalue("dask_client")
+        return {"dask": "dask", "dask-client": client, "dask-executor": client.get_executor()}[kind]
+    fexec = request.getfixturevalue("lithops_executor")
+    return "lithops" if kind == "lithops" else fexec
+
+
+def plus(ds, n):
+    out = ds.copy(data={k: v.values + n for k, v in ds.data_vars.items()})
+    return out
+
+
+@pytest.mark.parametrize("kind", ["dataset", "loader"])
+def test_modes_on_every_engine(tmp_path, engine, kind):
+    """w-, a, r+ and w in turn, each read back from a fresh read-only session."""
+    ds = full_dataset()
+    repo = make_repo(tmp_path / "repo")
+
+    def run(data, offset=0, add=0, **kw):
+        if kind == "loader":
+            source, template = ShiftedLoader(offset, add), data.chunk({"time": 2})
+        else:
+            source, template = plus(data, add), None
+        return run_region_writes(source, repo, template=template, executor=engine,
+                                 progress=False, **kw)  # fmt: skip
+
+    run(ds.isel(time=slice(0, 7)), encoding=ENC)
+    xr.testing.assert_identical(read_back(repo), ds.isel(time=slice(0, 7)))
+    run(ds.isel(time=slice(7, None)), offset=7, mode="a", append_dim="time")
+    xr.testing.assert_identical(read_back(repo), ds)
+    run(ds, add=1, mode="r+")
+    xr.testing.assert_identical(read_back(repo), plus(ds, 1))
+    run(ds, mode="w", encoding=ENC)
+    xr.testing.assert_identical(read_back(repo), ds)
+
+
+def test_retries_and_permanent_failure(tmp_path, engine):
+    ds = full_dataset()
+    repo = make_repo(tmp_path / "repo")
+    calls = tmp_path / "calls"
+    calls.mkdir()
+    result = run_region_writes(FlakyLoader(calls, fail_times=1), repo, executor=engine,
+                               template=ds.chunk({"time": 2}), encoding=ENC, task_size=1,
+                               progress=False)  # fmt: skip
+    assert [t.attempts for t in result.tasks] == [2] * 6
+    xr.testing.assert_identical(read_back(repo), ds)
+    before = repo.lookup_branch("main")
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    with pytest.raises(RegionWriteError) as info:
+        run_region_writes(FlakyLoader(bad, fail_times=0, always_fail=2), repo, executor=engine,
+                          template=ds.chunk({"time": 2}), mode="r+", retries=1, task_size=1,
+                          progress=False)  # fmt: skip
+    assert [(f.region["time"].start, f.attempts) for f in info.value.failures] == [(2, 2)]
+    assert repo.lookup_branch("main") == before
+
+
+@pytest.mark.parametrize("name", ["ray", "dask", "lithops"])
+def test_a_killed_worker_ends_in_a_retry_or_a_clear_error(tmp_path, name, request):
+    request.getfixturevalue({"ray": "ray_engine", "dask": "dask_client",
+                             "lithops": "lithops_executor"}[name])  # fmt: skip
+    ds = full_dataset()
+    repo = make_repo(tmp_path / "repo")
+    before = repo.lookup_branch("main")
+    try:
+        result = run_region_writes(
+            DieOnce(tmp_path), repo, template=ds.chunk({"time": 2}), encoding=ENC,
+            executor=name, task_size=1, progress=False,
+        )  # fmt: skip
+    except RegionWriteError as exc:  # a clear error, and nothing committed
+        failures = exc.failures
+        assert repo.lookup_branch("main") == before
+        assert failures
+    else:
+        xr.testing.assert_identical(read_back(repo), ds)
+        assert result.n_regions == 6
+    assert (tmp_path / "died").exists()  # a worker process really was killed
+
+
+def test_lithops_batches_regions(tmp_path, lithops_executor):
+    from icechunk_distributed.adapters.lithops import LithopsAdapter
+
+    ds = full_dataset(n_time=240)
+    repo = make_repo(tmp_path / "repo")
+    adapter = LithopsAdapter(lithops_executor, workers=2)
+    enc = {"Tair": {"chunks": (1, 6, 8)}, "station": {"chunks": (1,)}}
+    result = run_region_writes(
+        load_region_240, repo, template=ds.chunk({"time": 1}), encoding=enc, executor=adapter,
+        task_size=1, progress=False,
+    )  # fmt: skip
+    assert result.n_regions == 240
+    assert adapter.n_calls == 4  # 2 workers, at most 2 calls each per round
+    xr.testing.assert_identical(read_back(repo), ds)
+
+
+def load_region_240(region):
+    return full_dataset(n_time=240).isel(region)
+
+
+def test_lithops_refuses_oversized_arguments(tmp_path, lithops_executor):
+    import numpy as np
+
+    big = xr.Dataset({"v": (("time", "x"), np.random.default_rng(0).random((4, 400_000)))})
+    repo = make_repo(tmp_path / "repo")
+    with pytest.raises(PayloadTooLargeError, match="Pass a loader"):
+        run_region_writes(big, repo, executor=lithops_executor,
+                          encoding={"v": {"chunks": (2, 400_000)}})  # fmt: skip
+    assert not repo.readonly_session("main").status().updated_chunks
