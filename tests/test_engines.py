@@ -45,8 +45,12 @@ def lithops_executor():
     fexec.clean()
 
 
-@pytest.fixture(params=["ray", "ray-module", "dask", "dask-client", "dask-executor", "lithops",
-                        "lithops-executor"])  # fmt: skip
+def _engine_params(*names):
+    return [pytest.param(n, marks=getattr(pytest.mark, n.split("-")[0])) for n in names]
+
+
+@pytest.fixture(params=_engine_params("ray", "ray-module", "dask", "dask-client",
+                                      "dask-executor", "lithops", "lithops-executor"))  # fmt: skip
 def engine(request):
     """An ``executor=`` value: a name, or the engine's own object."""
     kind = request.param
@@ -110,7 +114,7 @@ def test_retries_and_permanent_failure(tmp_path, engine):
     assert repo.lookup_branch("main") == before
 
 
-@pytest.mark.parametrize("name", ["ray", "dask", "lithops"])
+@pytest.mark.parametrize("name", _engine_params("ray", "dask", "lithops"))
 def test_a_killed_worker_ends_in_a_retry_or_a_clear_error(tmp_path, name, request):
     request.getfixturevalue({"ray": "ray_engine", "dask": "dask_client",
                              "lithops": "lithops_executor"}[name])  # fmt: skip
@@ -132,6 +136,7 @@ def test_a_killed_worker_ends_in_a_retry_or_a_clear_error(tmp_path, name, reques
     assert (tmp_path / "died").exists()  # a worker process really was killed
 
 
+@pytest.mark.lithops
 def test_lithops_batches_regions(tmp_path, lithops_executor):
     from icechunk_distributed.adapters.lithops import LithopsAdapter
 
@@ -152,6 +157,7 @@ def load_region_240(region):
     return full_dataset(n_time=240).isel(region)
 
 
+@pytest.mark.lithops
 def test_lithops_refuses_oversized_arguments(tmp_path, lithops_executor):
     import numpy as np
 
