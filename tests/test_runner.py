@@ -262,7 +262,7 @@ def test_region_writer_steps(repo):
     assert regions == plan_regions(ds, encoding=ENC, parallelism=2)
     assert not writer.session.has_uncommitted_changes
     writer.write_metadata()
-    meta = xr.open_zarr(writer.session.store, consolidated=False)
+    meta = xr.open_zarr(writer.session.store, consolidated=False, chunks=None)
     assert np.isnan(meta["Tair"].values).all()  # metadata only: no data chunks yet
     assert writer.session.status().updated_chunks.get("/Tair") is None
     writer.write_eager()

@@ -727,8 +727,14 @@ class RegionWriter:
             meta[name] = var.copy(
                 deep=False, data=da.empty(var.shape, chunks=chunks, dtype=var.dtype)
             )
-        lazy = {k: v.compute() for k, v in meta.coords.items() if v.chunks is not None}
-        return meta.assign_coords(lazy) if lazy else meta
+        lazy = {k: v for k, v in meta.coords.items() if v.chunks is not None}
+        if not lazy:
+            return meta
+        import dask
+
+        # In this process, not on whatever dask client happens to be the default.
+        with dask.config.set(scheduler="synchronous"):
+            return meta.assign_coords({k: v.compute() for k, v in lazy.items()})
 
     def _base_store(self) -> Any:
         # The base session's own store, whichever thread calls: forks made afterwards (the
