@@ -167,3 +167,29 @@ def test_lithops_refuses_oversized_arguments(tmp_path, lithops_executor):
         run_region_writes(big, repo, executor=lithops_executor,
                           encoding={"v": {"chunks": (2, 400_000)}})  # fmt: skip
     assert not repo.readonly_session("main").status().updated_chunks
+
+
+@pytest.mark.parametrize("name", _engine_params("ray", "dask", "lithops"))
+def test_bad_input_on_engines_is_refused_before_writing(tmp_path, name, request):
+    import threading
+
+    from icechunk_distributed import InvalidRegionError, UnpicklableSourceError
+
+    request.getfixturevalue({"ray": "ray_engine", "dask": "dask_client",
+                             "lithops": "lithops_executor"}[name])  # fmt: skip
+    ds = full_dataset()
+    repo = make_repo(tmp_path / "repo")
+    before = repo.lookup_branch("main")
+    lock = threading.Lock()
+
+    def unpicklable(region):
+        with lock:
+            return ds.isel(region)
+
+    with pytest.raises(UnpicklableSourceError, match="cannot be pickled"):
+        run_region_writes(unpicklable, repo, template=ds.chunk({"time": 2}), executor=name)
+    with pytest.raises(InvalidRegionError, match="not aligned"):
+        run_region_writes(ds, repo, executor=name, encoding=ENC,
+                          regions=[{"time": slice(0, 3)}, {"time": slice(3, 12)}])  # fmt: skip
+    assert repo.lookup_branch("main") == before
+    assert not any((tmp_path / "repo" / "chunks").glob("*"))  # no chunk object written
