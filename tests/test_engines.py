@@ -193,3 +193,16 @@ def test_bad_input_on_engines_is_refused_before_writing(tmp_path, name, request)
         run_region_writes(ds, repo, executor=name, encoding=ENC,
                           regions=[{"time": slice(0, 3)}, {"time": slice(3, 12)}])  # fmt: skip
     assert (repo.lookup_branch("main"), n_objects(tmp_path / "repo")) == before
+
+
+@pytest.mark.dask
+def test_dask_client_that_is_not_the_default(tmp_path):
+    distributed = pytest.importorskip("distributed")
+    ds = full_dataset()
+    repo = make_repo(tmp_path / "repo")
+    with (
+        distributed.LocalCluster(n_workers=1, processes=False, dashboard_address=None) as cluster,
+        distributed.Client(cluster, set_as_default=False) as client,
+    ):
+        run_region_writes(ds, repo, executor=client, encoding=ENC, progress=False)
+    xr.testing.assert_identical(read_back(repo), ds)

@@ -68,7 +68,8 @@ class DaskAdapter(Adapter):
         limit = 2 * self.capabilities.parallelism
         source = iter(items)
         keys: dict[Any, Any] = {}
-        queue = distributed.as_completed()
+        # The client's own loop: the client need not be the default one.
+        queue = distributed.as_completed(loop=self.client.loop)
         exhausted = False
 
         def top_up() -> None:
