@@ -90,12 +90,10 @@ def main(argv: list[str] | None = None) -> int:
         n = 24 if args.smoke else 240
         with scenarios.S1(n_regions=n) as s1:
             times = measure(s1.contenders(), repeat)
-        rows += rows_for("S1", times, "ours (threads)")
-        rows += [
-            r
-            for r in rows_for("S1", times, "ours (processes)")
-            if "processes" in str(r["contender"])
-        ]
+        on_threads = {k: v for k, v in times.items() if "processes" not in k}
+        rows += rows_for("S1", on_threads, "ours (threads)")
+        on_processes = {k: v for k, v in times.items() if "processes" in k}
+        rows += rows_for("S1", on_processes, "ours (processes)")
     if "S2" in chosen:
         n = 4 if args.smoke else 64
         with scenarios.S2(n_regions=n) as s2:
