@@ -224,7 +224,7 @@ class S2:
         self.n = n_regions
         self.repos = _Repos()
         self.processes = FuturesAdapter.processes(2)
-        self.cluster = LocalCluster(n_workers=2, threads_per_worker=1, dashboard_address=None)
+        self.cluster = LocalCluster(n_workers=2, threads_per_worker=1, dashboard_address=":0")
         self.client = Client(self.cluster, set_as_default=False)
         self.engines = engines
         self.ray = None

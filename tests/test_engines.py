@@ -28,7 +28,7 @@ def ray_engine():
 def dask_client():
     distributed = pytest.importorskip("distributed")
     cluster = distributed.LocalCluster(
-        n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None
+        n_workers=2, threads_per_worker=1, processes=True, dashboard_address=":0"
     )
     client = distributed.Client(cluster)
     yield client
@@ -201,7 +201,7 @@ def test_dask_client_that_is_not_the_default(tmp_path):
     ds = full_dataset()
     repo = make_repo(tmp_path / "repo")
     with (
-        distributed.LocalCluster(n_workers=1, processes=False, dashboard_address=None) as cluster,
+        distributed.LocalCluster(n_workers=1, processes=False, dashboard_address=":0") as cluster,
         distributed.Client(cluster, set_as_default=False) as client,
     ):
         run_region_writes(ds, repo, executor=client, encoding=ENC, progress=False)

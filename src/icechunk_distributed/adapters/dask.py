@@ -48,7 +48,7 @@ class DaskAdapter(Adapter):
                 client = distributed.get_client()
             except ValueError:
                 cluster = distributed.LocalCluster(
-                    n_workers=workers, threads_per_worker=1, processes=True, dashboard_address=None
+                    n_workers=workers, threads_per_worker=1, processes=True, dashboard_address=":0"
                 )
                 client = distributed.Client(cluster)
                 self._owned = [client, cluster]
