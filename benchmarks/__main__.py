@@ -99,8 +99,13 @@ def main(argv: list[str] | None = None) -> int:
         with scenarios.S2(n_regions=n) as s2:
             times = measure(s2.contenders(), repeat)
             extra["S2_bytes"] = s2.nbytes
-        for ours in ("ours (processes)", "ours (dask)", "ours (ray)"):
-            group = {k: v for k, v in times.items() if k == ours or not k.startswith("ours")}
+        for engine in ("processes", "dask", "ray"):
+            ours = f"ours ({engine})"
+            group = {
+                k: v
+                for k, v in times.items()
+                if k in (ours, "to_icechunk (dask)", f"plain zarr ({engine})")
+            }
             rows += rows_for("S2", group, ours)
     if "S3" in chosen:
         n = 12 if args.smoke else 240

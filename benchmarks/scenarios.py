@@ -12,6 +12,7 @@ S4 coordinator scaling: many tiny regions on threads (coordinator CPU per task, 
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 import os
 import pickle
@@ -281,12 +282,20 @@ class S2:
         shutil.rmtree(os.path.join(self.repos.root, f"r{self.repos.n}"))
         return seconds
 
-    def _plain_zarr(self) -> float:
+    def _plain_zarr(self, engine: str) -> float:
         path = tempfile.mkdtemp(dir=self.repos.root)
         t0 = time.perf_counter()
         bulk_template(self.n).to_zarr(zarr.storage.LocalStore(path), compute=False,
                                       consolidated=False)  # fmt: skip
-        list(self.processes.executor.map(plain_zarr_task, [(path, i) for i in range(self.n)]))
+        args = [(path, i) for i in range(self.n)]
+        if engine == "processes":
+            list(self.processes.executor.map(plain_zarr_task, args))
+        elif engine == "dask":
+            self.client.gather(self.client.map(plain_zarr_task, args, pure=False))
+        else:
+            assert self.ray is not None
+            task = self.ray.remote(plain_zarr_task)
+            self.ray.get([task.remote(a) for a in args])
         seconds = time.perf_counter() - t0
         self._check(zarr.storage.LocalStore(path))
         shutil.rmtree(path)
@@ -301,7 +310,8 @@ class S2:
         if "ray" in self.engines:
             out["ours (ray)"] = lambda: self._ours("ray")
         out["to_icechunk (dask)"] = self._to_icechunk
-        out["plain zarr (processes)"] = self._plain_zarr
+        for engine in self.engines:
+            out[f"plain zarr ({engine})"] = functools.partial(self._plain_zarr, engine)
         return out
 
 
