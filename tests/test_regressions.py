@@ -110,3 +110,17 @@ def test_zero_length_dimension(repo):
     assert icd.plan_regions(ds) == [{}]  # nothing to split: one task
     run_region_writes(ds, repo, progress=False)
     xr.testing.assert_identical(read_back(repo), ds)
+
+
+def test_fast_path_keeps_strings_bools_and_datetimes(repo):
+    """Tasks encode with xarray's own zarr encoder: every dtype to_zarr handles round-trips."""
+    ds = full_dataset()
+    ds["label"] = (("time",), np.array([f"t{i}" for i in range(12)]))
+    ds["flag"] = (("time",), np.arange(12) % 2 == 0)
+    ds["when"] = (
+        ("time",),
+        np.datetime64("2020-01-01", "ns") + np.arange(12) * np.timedelta64(1, "D"),
+    )
+    enc = {**ENC, "label": {"chunks": (2,)}, "flag": {"chunks": (2,)}, "when": {"chunks": (2,)}}
+    run_region_writes(ds, repo, encoding=enc, progress=False)
+    xr.testing.assert_identical(read_back(repo), ds)

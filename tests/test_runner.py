@@ -353,3 +353,10 @@ def test_store_arrays_explicit_regions_are_validated(repo):
 def test_unknown_executor_object(repo):
     with pytest.raises(TypeError, match="cannot use 'object' as an executor"):
         run_region_writes(full_dataset(), repo, executor=object())
+
+
+def test_a_missing_engine_names_the_extra_to_install():
+    from icechunk_distributed.adapters import import_engine
+
+    with pytest.raises(ImportError, match=r"pip install 'icechunk-distributed\[ray\]'"):
+        import_engine("no_such_engine_module", "ray")

@@ -8,6 +8,7 @@ its engine needs (pickling across processes, batching, ...). Engines are importe
 from __future__ import annotations
 
 import abc
+import importlib
 import types
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Executor
@@ -19,6 +20,7 @@ __all__ = [
     "Capabilities",
     "Outcome",
     "get_adapter",
+    "import_engine",
     "known_executors",
 ]
 
@@ -79,6 +81,29 @@ class Adapter(abc.ABC):
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def import_engine(module: str, extra: str) -> Any:
+    """Import an engine lazily; if it is missing, say which extra installs it.
+
+    Parameters
+    ----------
+    module : str
+        The engine's module (``"ray"``, ``"distributed"``, ...).
+    extra : str
+        The ``icechunk-distributed`` extra that installs it.
+
+    Returns
+    -------
+    module
+        The imported module.
+    """
+    try:
+        return importlib.import_module(module)
+    except ImportError as exc:
+        raise ImportError(
+            f"executor={extra!r} needs {module}: pip install 'icechunk-distributed[{extra}]'"
+        ) from exc
 
 
 def known_executors() -> list[str]:

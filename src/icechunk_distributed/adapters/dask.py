@@ -5,19 +5,9 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
-from icechunk_distributed.adapters import Adapter, Capabilities, Outcome
+from icechunk_distributed.adapters import Adapter, Capabilities, Outcome, import_engine
 
 __all__ = ["DaskAdapter"]
-
-
-def _import_distributed() -> Any:
-    try:
-        import distributed
-    except ImportError as exc:  # pragma: no cover - depends on the environment
-        raise ImportError(
-            "executor='dask' needs dask.distributed: pip install 'icechunk-distributed[dask]'"
-        ) from exc
-    return distributed
 
 
 class DaskAdapter(Adapter):
@@ -41,7 +31,7 @@ class DaskAdapter(Adapter):
     name = "dask"
 
     def __init__(self, client: Any = None, *, workers: int | None = None) -> None:
-        distributed = _import_distributed()
+        distributed = import_engine("distributed", "dask")
         self._owned: list[Any] = []
         if client is None:
             try:
@@ -64,7 +54,7 @@ class DaskAdapter(Adapter):
         self, fn: Callable[[Any], Any], items: Iterable[tuple[Any, Any]]
     ) -> Iterator[Outcome]:
         """Submit with bounded tasks in flight; yield as ``as_completed`` returns them."""
-        distributed = _import_distributed()
+        distributed = import_engine("distributed", "dask")
         limit = 2 * self.capabilities.parallelism
         source = iter(items)
         keys: dict[Any, Any] = {}

@@ -5,19 +5,9 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
-from icechunk_distributed.adapters import Adapter, Capabilities, Outcome
+from icechunk_distributed.adapters import Adapter, Capabilities, Outcome, import_engine
 
 __all__ = ["JoblibAdapter"]
-
-
-def _import_joblib() -> Any:
-    try:
-        import joblib
-    except ImportError as exc:  # pragma: no cover - depends on the environment
-        raise ImportError(
-            "executor='joblib' needs joblib: pip install 'icechunk-distributed[joblib]'"
-        ) from exc
-    return joblib
 
 
 def _call(fn: Callable[[Any], Any], key: Any, arg: Any) -> tuple[Any, Any]:
@@ -38,7 +28,7 @@ class JoblibAdapter(Adapter):
     name = "joblib"
 
     def __init__(self, n_jobs: int | None = None) -> None:
-        joblib = _import_joblib()
+        joblib = import_engine("joblib", "joblib")
         from joblib import parallel
 
         config = getattr(parallel._backend, "config", {})
@@ -70,7 +60,7 @@ class JoblibAdapter(Adapter):
         self, fn: Callable[[Any], Any], items: Iterable[tuple[Any, Any]]
     ) -> Iterator[Outcome]:
         """Yield ``(key, result)`` in completion order."""
-        joblib = _import_joblib()
+        joblib = import_engine("joblib", "joblib")
         parallel = joblib.Parallel(n_jobs=self._n_jobs, return_as="generator_unordered")
         calls = (joblib.delayed(_call)(fn, key, arg) for key, arg in items)
         yield from parallel(calls)

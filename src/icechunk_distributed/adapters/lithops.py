@@ -7,22 +7,12 @@ import sys
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
-from icechunk_distributed.adapters import Adapter, Capabilities, Outcome
+from icechunk_distributed.adapters import Adapter, Capabilities, Outcome, import_engine
 
 __all__ = ["LithopsAdapter", "localhost_config"]
 
 DATA_LIMIT_MIB = 4
 """Lithops refuses call arguments over this many MiB unless ``data_limit`` is raised."""
-
-
-def _import_lithops() -> Any:
-    try:
-        import lithops
-    except ImportError as exc:  # pragma: no cover - depends on the environment
-        raise ImportError(
-            "executor='lithops' needs lithops: pip install 'icechunk-distributed[lithops]'"
-        ) from exc
-    return lithops
 
 
 def localhost_config(workers: int | None = None) -> dict[str, Any]:
@@ -83,7 +73,7 @@ class LithopsAdapter(Adapter):
         config: dict[str, Any] | None = None,
         workers: int | None = None,
     ) -> None:
-        lithops = _import_lithops()
+        lithops = import_engine("lithops", "lithops")
         self._owned = executor is None
         if executor is None:
             import os

@@ -6,19 +6,9 @@ import os
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
-from icechunk_distributed.adapters import Adapter, Capabilities, Outcome
+from icechunk_distributed.adapters import Adapter, Capabilities, Outcome, import_engine
 
 __all__ = ["RayAdapter"]
-
-
-def _import_ray() -> Any:
-    try:
-        import ray
-    except ImportError as exc:  # pragma: no cover - depends on the environment
-        raise ImportError(
-            "executor='ray' needs ray: pip install 'icechunk-distributed[ray]'"
-        ) from exc
-    return ray
 
 
 class RayAdapter(Adapter):
@@ -40,7 +30,7 @@ class RayAdapter(Adapter):
     name = "ray"
 
     def __init__(self, *, num_cpus: int | None = None, max_in_flight: int | None = None) -> None:
-        ray = _import_ray()
+        ray = import_engine("ray", "ray")
         self._started = False
         if not ray.is_initialized():
             os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
@@ -58,7 +48,7 @@ class RayAdapter(Adapter):
         self, fn: Callable[[Any], Any], items: Iterable[tuple[Any, Any]]
     ) -> Iterator[Outcome]:
         """Submit up to ``max_in_flight`` tasks; yield each result as ``ray.wait`` returns it."""
-        ray = _import_ray()
+        ray = import_engine("ray", "ray")
         remote = ray.remote(fn).options(max_retries=0, retry_exceptions=False)
         source = iter(items)
         pending: dict[Any, Any] = {}
@@ -89,5 +79,5 @@ class RayAdapter(Adapter):
     def close(self) -> None:
         """Shut Ray down if this adapter started it."""
         if self._started:
-            _import_ray().shutdown()
+            import_engine("ray", "ray").shutdown()
             self._started = False
