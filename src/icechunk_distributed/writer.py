@@ -297,10 +297,17 @@ def _check_piece(piece: Any, inp: _TaskInput) -> xr.Dataset:
 
 
 def _check_inside(snapshot: SessionSnapshot, inp: _TaskInput) -> int:
-    """Every chunk this task wrote lies inside its region, in its own variables."""
+    """Every chunk this task wrote lies inside its region, in its own variables.
+
+    The task is then done with its fork: freeze it with the changes just computed, so the
+    coordinator's merge (in this process, for thread pools) need not ask icechunk again.
+    """
     prefix = "/" + (inp.group.strip("/") + "/" if inp.group else "")
+    fork = snapshot._live_fork()
+    changes = _Changes.of(fork.session())
+    fork._changes, fork.live = changes, False
     n = 0
-    for path, coords in _Changes.of(snapshot.session).chunks.items():
+    for path, coords in changes.chunks.items():
         name = path[len(prefix) :] if path.startswith(prefix) else path
         if name not in inp.units:
             raise RuntimeError(f"the task wrote to {path!r}, which is not one of its variables")
