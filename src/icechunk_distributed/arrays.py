@@ -17,13 +17,12 @@ from icechunk_distributed.errors import (
     TemplateMismatchError,
     UnpicklableSourceError,
 )
-from icechunk_distributed.planning import WritePlan, build_plan
+from icechunk_distributed.planning import WritePlan, _fmt, build_plan
 from icechunk_distributed.session import DistributedSession, SessionSnapshot, merge_sessions
 from icechunk_distributed.writer import (
     Progress,
     TaskFailure,
     _describe,
-    _fmt,
     _progress_bar,
     _TaskOutput,
     _worker_name,

@@ -362,7 +362,8 @@ def _raise_overlap(plan: WritePlan, boxes: np.ndarray, exhaustive: bool = False)
 
 
 def _fmt(region: Mapping[str, slice]) -> str:
-    return ", ".join(f"{d}={s.start}:{s.stop}" for d, s in region.items())
+    """``time=0:6, y=0:3`` (``everything`` for the empty region)."""
+    return ", ".join(f"{d}={s.start}:{s.stop}" for d, s in region.items()) or "everything"
 
 
 def plan_regions(

@@ -386,9 +386,7 @@ class SessionSnapshot:
     def _fresh(self) -> SessionSnapshot:
         """A copy as a worker would receive it: same lineage and seed, no forks yet."""
         lineage, seed = self._ensure_seed()
-        snap = SessionSnapshot.__new__(SessionSnapshot)
-        snap._init(coordinator=None, lineage=lineage, seed=seed, carried=[])
-        return snap
+        return _rebuild_snapshot({"lineage": lineage, "seed": seed, "forks": []})
 
     def _live_fork(self) -> _Fork:
         ident = threading.get_ident()

@@ -34,7 +34,7 @@ from icechunk_distributed.errors import (
     TemplateMismatchError,
     UnpicklableSourceError,
 )
-from icechunk_distributed.planning import Region, WritePlan, build_plan
+from icechunk_distributed.planning import Region, WritePlan, _fmt, build_plan
 from icechunk_distributed.runner import ProgressEvent, run_batch, run_loop
 from icechunk_distributed.session import (
     DistributedSession,
@@ -270,7 +270,7 @@ def _worker_name() -> str:
 
 
 def _check_piece(piece: Any, inp: _TaskInput) -> xr.Dataset:
-    region = ", ".join(f"{d}={s.start}:{s.stop}" for d, s in inp.region.items())
+    region = _fmt(inp.region)
     if not isinstance(piece, xr.Dataset):
         raise TypeError(
             f"the loader returned {type(piece).__name__} for region {{{region}}}; "
@@ -442,10 +442,14 @@ def _group_of(session: DistributedSession, group: str | None) -> Any:
         return None
 
 
-_ENCODING_KEYS = frozenset(
-    {"dtype", "scale_factor", "add_offset", "_FillValue", "missing_value", "units", "calendar"}
-    | {"chunks", "shards", "compressors", "filters", "serializer", "write_empty_chunks"}
-)
+_ENCODING_KEYS = _CF_KEYS | {
+    "chunks",
+    "shards",
+    "compressors",
+    "filters",
+    "serializer",
+    "write_empty_chunks",
+}
 
 
 class RegionWriter:
@@ -535,7 +539,8 @@ class RegionWriter:
         self.executor_name = ""
 
     # -- planning and checking, before anything is written
-    def _existing(self) -> tuple[dict[str, dict[str, int]], xr.Dataset | None]:
+    def _existing(self) -> dict[str, dict[str, int]]:
+        """Check the store against the mode; return the write units of existing arrays."""
         group = _group_of(self.session, self.group)
         names = [str(n) for n in self.template.variables]
         if self.mode == "w-":
@@ -547,9 +552,9 @@ class RegionWriter:
                         "creates. Use mode='w' to overwrite, 'r+' to write into them, or 'a' "
                         "to append."
                     )
-            return {}, None
+            return {}
         if self.mode == "w":
-            return {}, None
+            return {}
         if group is None:
             raise TemplateMismatchError(
                 f"mode={self.mode!r} writes into existing arrays, but group "
@@ -602,7 +607,7 @@ class RegionWriter:
                 )
         if self.append_dim is not None:
             self._offsets = {self.append_dim: int(existing.sizes[self.append_dim])}
-        return units, existing
+        return units
 
     def plan(self, *, parallelism: int | None = None) -> list[Region]:
         """Plan and validate the regions (in source coordinates); nothing is written.
@@ -618,7 +623,7 @@ class RegionWriter:
             The regions.
         """
         if self._plan is None:
-            existing_units, _ = self._existing()
+            existing_units = self._existing()
             region_dims = self.region_dims
             if region_dims is None and self.regions is not None:
                 order = [str(d) for d in self.template.dims]
@@ -1065,10 +1070,6 @@ def _describe(out: Any) -> str:
     if isinstance(out, BaseException):
         return f"{type(out).__name__}: {out}"
     return repr(out)
-
-
-def _fmt(region: Region) -> str:
-    return ", ".join(f"{d}={s.start}:{s.stop}" for d, s in region.items()) or "everything"
 
 
 def _progress_bar(progress: Progress, total: int) -> Callable[[ProgressEvent | None], None] | None:
