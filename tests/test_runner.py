@@ -360,3 +360,30 @@ def test_a_missing_engine_names_the_extra_to_install():
 
     with pytest.raises(ImportError, match=r"pip install 'icechunk-distributed\[ray\]'"):
         import_engine("no_such_engine_module", "ray")
+
+
+class _Unreadable:
+    """An array-like source whose pieces fail when the task computes them."""
+
+    shape = (8,)
+    dtype = np.dtype("f8")
+
+    def __getitem__(self, index):
+        return self
+
+    def compute(self):
+        raise OSError("cannot read this piece")
+
+
+def test_store_arrays_failure_lists_every_region(repo):
+    from icechunk_distributed import RegionWriteError
+
+    session = icd.writable_session(repo)
+    a = zarr.create_array(session.store, name="a", shape=(8,), chunks=(4,), dtype="f8")
+    with pytest.raises(RegionWriteError, match="cannot read this piece") as info:
+        store_arrays(_Unreadable(), a, retries=1, progress=False)
+    assert [(f.region, f.attempts) for f in info.value.failures] == [
+        ({"axis_0": slice(0, 4)}, 2),
+        ({"axis_0": slice(4, 8)}, 2),
+    ]
+    assert isinstance(info.value.failures[0].exception, OSError)

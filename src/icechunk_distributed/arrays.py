@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import time
-import traceback
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -13,17 +12,17 @@ import numpy as np
 
 from icechunk_distributed.adapters import get_adapter
 from icechunk_distributed.errors import (
-    RegionWriteError,
     TemplateMismatchError,
     UnpicklableSourceError,
 )
-from icechunk_distributed.planning import WritePlan, _fmt, build_plan
+from icechunk_distributed.planning import Region, WritePlan, build_plan
 from icechunk_distributed.session import DistributedSession, SessionSnapshot, merge_sessions
 from icechunk_distributed.writer import (
     Progress,
-    TaskFailure,
-    _describe,
-    _progress_bar,
+    _check_inside,
+    _failed,
+    _fan_out,
+    _received,
     _TaskOutput,
     _worker_name,
 )
@@ -35,51 +34,41 @@ __all__ = ["store_arrays"]
 class _ArrayTask:
     snapshot: SessionSnapshot
     path: str
-    index: tuple[slice, ...]
+    dims: tuple[str, ...]
+    region: Region
     data: Any
-    units: tuple[int, ...]
+    units: dict[str, int]
 
 
 def _write_array(arg: _ArrayTask | bytes) -> _TaskOutput:
-    if isinstance(arg, bytes):
-        import cloudpickle
-
-        arg = cloudpickle.loads(arg)
-    assert isinstance(arg, _ArrayTask)
+    task = _received(arg)
+    assert isinstance(task, _ArrayTask)
     t0 = time.perf_counter()
     try:
         import zarr
 
-        data = arg.data
+        data = task.data
         if hasattr(data, "compute"):
             import dask
 
             with dask.config.set(scheduler="synchronous"):
                 data = data.compute()
         data = np.asarray(data)
-        array = zarr.open_array(arg.snapshot.store, path=arg.path, mode="r+")
-        array[arg.index] = data
-        written = arg.snapshot.session.status().updated_chunks
-        n = 0
-        for path, coords in written.items():
-            if path.strip("/") != arg.path.strip("/"):
-                raise RuntimeError(f"the task wrote to {path!r}, not only to {arg.path!r}")
-            for c in coords:
-                for k, (i, s, u) in enumerate(zip(c, arg.index, arg.units, strict=True)):
-                    if not s.start // u <= i < -(-s.stop // u):
-                        raise RuntimeError(
-                            f"chunk {c} of {path!r} is outside the region (axis {k})"
-                        )
-            n += len(coords)
+        array = zarr.open_array(task.snapshot.store, path=task.path, mode="r+")
+        array[tuple(task.region[d] for d in task.dims)] = data
+        n = _check_inside(
+            task.snapshot,
+            prefix="/",
+            dims={task.path: task.dims},
+            units={task.path: task.units},
+            region=task.region,
+        )
         return _TaskOutput(
-            0, True, snapshot=arg.snapshot, seconds=time.perf_counter() - t0,
+            0, True, snapshot=task.snapshot, seconds=time.perf_counter() - t0,
             worker=_worker_name(), n_chunks=n, nbytes=int(data.nbytes),
         )  # fmt: skip
     except Exception as exc:
-        return _TaskOutput(
-            0, False, error=f"{type(exc).__name__}: {exc}", traceback=traceback.format_exc(),
-            seconds=time.perf_counter() - t0, worker=_worker_name(),
-        )  # fmt: skip
+        return _failed(0, exc, t0)
 
 
 def store_arrays(
@@ -178,59 +167,31 @@ def store_arrays(
                     f"the source for {path!r} cannot be pickled for worker processes ({exc}); "
                     "use executor='threads'"
                 ) from exc
-    failures: list[TaskFailure] = []
-    bar = _progress_bar(progress, len(work))
     try:
         with session.allow_pickling() as snapshot:
 
-            def make_arg(i: int, attempt: int) -> Any:
+            def build(i: int, attempt: int) -> _ArrayTask:
                 k, region = work[i]
                 path, plan = plans[k]
-                index = tuple(region.get(d, slice(0, plan.sizes[d])) for d in plan.dims[path])
-                task = _ArrayTask(
-                    snapshot._fresh(), path, index, srcs[k][index],
-                    tuple(plan.units[path][d] for d in plan.dims[path]),
-                )  # fmt: skip
-                if crosses:
-                    import cloudpickle
+                dims = plan.dims[path]
+                full = {d: region.get(d, slice(0, plan.sizes[d])) for d in dims}
+                data = srcs[k][tuple(full[d] for d in dims)]
+                return _ArrayTask(snapshot._fresh(), path, dims, full, data, plan.units[path])
 
-                    return cloudpickle.dumps(task)
-                return task
-
-            def on_success(i: int, out: Any, attempts: int) -> None:
+            def on_success(i: int, out: _TaskOutput, attempts: int) -> None:
                 merge_sessions(session, out.snapshot)
 
-            def on_failure(i: int, out: Any, attempts: int) -> None:
-                failures.append(TaskFailure(i, work[i][1], _describe(out), None, attempts))
-
-            def on_event(event: Any) -> None:
-                if bar is not None:
-                    bar(event)
-                if callable(progress) and not isinstance(progress, bool):
-                    progress(event)
-
-            from icechunk_distributed.runner import run_loop
-
-            run_loop(
+            _fan_out(
                 adapter,
                 _write_array,
-                len(work),
-                make_arg,
+                [region for _, region in work],
+                build,
                 retries=retries,
-                is_success=lambda out: isinstance(out, _TaskOutput) and out.ok,
-                describe_error=_describe,
+                progress=progress,
+                item_bytes=0,
                 on_success=on_success,
-                on_failure=on_failure,
-                on_event=on_event,
             )
     finally:
-        if bar is not None:
-            bar(None)
         if adapter is not executor:
             adapter.close()
-    if failures:
-        lines = "\n".join(f"  region ({_fmt(f.region)}): {f.error}" for f in failures[:10])
-        raise RegionWriteError(
-            f"{len(failures)} region(s) failed; their writes were not merged.\n{lines}", failures
-        )
     return session

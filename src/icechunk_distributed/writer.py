@@ -296,27 +296,33 @@ def _check_piece(piece: Any, inp: _TaskInput) -> xr.Dataset:
     return selected.drop_vars(list(selected.coords))
 
 
-def _check_inside(snapshot: SessionSnapshot, inp: _TaskInput) -> int:
-    """Every chunk this task wrote lies inside its region, in its own variables.
+def _check_inside(
+    snapshot: SessionSnapshot,
+    *,
+    prefix: str,
+    dims: Mapping[str, tuple[str, ...]],
+    units: Mapping[str, Mapping[str, int]],
+    region: Region,
+) -> int:
+    """Every chunk this task wrote lies inside ``region``, in one of ``dims``' arrays.
 
-    The task is then done with its fork: freeze it with the changes just computed, so the
-    coordinator's merge (in this process, for thread pools) need not ask icechunk again.
+    Array paths are ``prefix`` + name. The task is then done with its fork: freeze it with the
+    changes just computed, so the coordinator's merge (in this process, for thread pools)
+    need not ask icechunk again. Returns how many chunks the task wrote.
     """
-    prefix = "/" + (inp.group.strip("/") + "/" if inp.group else "")
     fork = snapshot._live_fork()
     changes = _Changes.of(fork.session())
     fork._changes, fork.live = changes, False
     n = 0
     for path, coords in changes.chunks.items():
         name = path[len(prefix) :] if path.startswith(prefix) else path
-        if name not in inp.units:
-            raise RuntimeError(f"the task wrote to {path!r}, which is not one of its variables")
-        dims = inp.expect[name][0]
+        if name not in dims:
+            raise RuntimeError(f"the task wrote to {path!r}, which is not one of its arrays")
         for c in coords:
-            for dim, index in zip(dims, c, strict=True):
-                if dim not in inp.abs_region:
+            for dim, index in zip(dims[name], c, strict=True):
+                if dim not in region:
                     continue
-                u, s = inp.units[name][dim], inp.abs_region[dim]
+                u, s = units[name][dim], region[dim]
                 if not s.start // u <= index < -(-s.stop // u):
                     raise RuntimeError(
                         f"the task wrote chunk {list(c)} of {path!r}, outside its region "
@@ -369,7 +375,13 @@ def _execute(inp: _TaskInput) -> _TaskOutput:
         piece = inp.loader(dict(inp.region)) if inp.loader is not None else inp.piece
         piece = _load(_check_piece(piece, inp))
         _write_piece(piece, inp)
-        n_chunks = _check_inside(inp.snapshot, inp)
+        n_chunks = _check_inside(
+            inp.snapshot,
+            prefix="/" + (f"{inp.group}/" if inp.group else ""),
+            dims={name: expected[0] for name, expected in inp.expect.items()},
+            units=inp.units,
+            region=inp.abs_region,
+        )
         return _TaskOutput(
             inp.index,
             True,
@@ -380,32 +392,43 @@ def _execute(inp: _TaskInput) -> _TaskOutput:
             nbytes=int(piece.nbytes),
         )
     except Exception as exc:
-        try:  # the exception travels home if it pickles; its text always does
-            import cloudpickle
-
-            cloudpickle.dumps(exc)
-            shipped: BaseException | None = exc
-        except Exception:
-            shipped = None
-        return _TaskOutput(
-            inp.index,
-            False,
-            error=f"{type(exc).__name__}: {exc}",
-            exception=shipped,
-            traceback=traceback.format_exc(),
-            seconds=time.perf_counter() - t0,
-            worker=_worker_name(),
-        )
+        return _failed(inp.index, exc, t0)
 
 
-def _run_task(arg: _TaskInput | bytes) -> _TaskOutput:
-    """Entry point in the worker; ``bytes`` when the task crossed a process boundary."""
+def _failed(index: int, exc: Exception, t0: float) -> _TaskOutput:
+    """A task's failure, as it travels home (call it inside the ``except`` block)."""
+    try:  # the exception travels home if it pickles; its text always does
+        import cloudpickle
+
+        cloudpickle.dumps(exc)
+        shipped: BaseException | None = exc
+    except Exception:
+        shipped = None
+    return _TaskOutput(
+        index,
+        False,
+        error=f"{type(exc).__name__}: {exc}",
+        exception=shipped,
+        traceback=traceback.format_exc(),
+        seconds=time.perf_counter() - t0,
+        worker=_worker_name(),
+    )
+
+
+def _received(arg: Any) -> Any:
+    """A task's argument in the worker: ``bytes`` when it crossed a process boundary."""
     if isinstance(arg, bytes):
         import cloudpickle
 
-        arg = cloudpickle.loads(arg)
-    assert isinstance(arg, _TaskInput)
-    return _execute(arg)
+        return cloudpickle.loads(arg)
+    return arg
+
+
+def _run_task(arg: _TaskInput | bytes) -> _TaskOutput:
+    """Entry point in the worker."""
+    inp = _received(arg)
+    assert isinstance(inp, _TaskInput)
+    return _execute(inp)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -920,75 +943,30 @@ class RegionWriter:
         n = len(plan.regions)
         self._encodings = self._store_encodings()
         records: list[TaskRecord | None] = [None] * n
-        failures: list[TaskFailure] = []
-        bar = _progress_bar(self.progress, n)
+
+        def on_success(i: int, out: _TaskOutput, attempts: int) -> None:
+            assert out.snapshot is not None
+            merge_sessions(self.session, out.snapshot)
+            records[i] = TaskRecord(
+                i, plan.regions[i], out.seconds, attempts, out.worker, out.n_chunks, out.nbytes
+            )
+
         with self.session.allow_pickling() as snapshot:
 
-            def make_arg(i: int, attempt: int) -> Any:
+            def build(i: int, attempt: int) -> _TaskInput:
                 inp = self._task_input(i, snapshot._fresh())
                 inp.attempt = attempt
-                if caps.crosses_processes:
-                    import cloudpickle
-
-                    return cloudpickle.dumps(inp)
                 return inp
 
-            def on_success(i: int, out: _TaskOutput, attempts: int) -> None:
-                assert out.snapshot is not None
-                merge_sessions(self.session, out.snapshot)
-                records[i] = TaskRecord(
-                    i, plan.regions[i], out.seconds, attempts, out.worker, out.n_chunks, out.nbytes
-                )
-
-            def on_failure(i: int, out: Any, attempts: int) -> None:
-                if isinstance(out, _TaskOutput):
-                    failures.append(
-                        TaskFailure(
-                            i,
-                            plan.regions[i],
-                            out.error or "",
-                            out.exception,
-                            attempts,
-                            out.traceback,
-                        )
-                    )
-                else:
-                    failures.append(TaskFailure(i, plan.regions[i], _describe(out), out, attempts))
-
-            def on_event(event: ProgressEvent) -> None:
-                if bar is not None:
-                    bar(event)
-                if callable(self.progress) and not isinstance(self.progress, bool):
-                    self.progress(event)
-
-            batch_size = _batch_rule(caps, self._item_bytes)
-            run_loop(
+            _fan_out(
                 adapter,
-                _run_task if batch_size is None else functools.partial(run_batch, _run_task),
-                n,
-                make_arg,
-                batch_size=batch_size,
+                _run_task,
+                plan.regions,
+                build,
                 retries=self.retries,
-                is_success=lambda out: isinstance(out, _TaskOutput) and out.ok,
-                describe_error=_describe,
+                progress=self.progress,
+                item_bytes=self._item_bytes,
                 on_success=on_success,
-                on_failure=on_failure,
-                on_event=on_event,
-            )
-        if bar is not None:
-            bar(None)
-        if failures:
-            failures.sort(key=lambda f: f.index)
-            lines = "\n".join(
-                f"  region #{f.index} ({_fmt(f.region)}), {f.attempts} attempt(s): "
-                + _first_line(f.error)
-                for f in failures[:10]
-            )
-            more = f"\n  ... and {len(failures) - 10} more" if len(failures) > 10 else ""
-            raise RegionWriteError(
-                f"{len(failures)} of {n} region(s) failed after {self.retries + 1} attempt(s) "
-                f"each; nothing was committed.\n{lines}{more}",
-                failures,
             )
         self.records = [r for r in records if r is not None]
         return self.records
@@ -1036,6 +1014,82 @@ class RegionWriter:
                 f"while this run was writing ({exc}). Nothing was committed; the branch shows "
                 "only the other commit. Re-run to write on top of it."
             ) from exc
+
+
+def _fan_out(
+    adapter: Adapter,
+    fn: Callable[[Any], _TaskOutput],
+    regions: Sequence[Region],
+    build: Callable[[int, int], Any],
+    *,
+    retries: int,
+    progress: Progress,
+    item_bytes: int,
+    on_success: Callable[[int, _TaskOutput, int], None],
+) -> None:
+    """Run ``fn(build(i, attempt))`` for every region through the generic loop.
+
+    Shared by :class:`RegionWriter` and :func:`~icechunk_distributed.store_arrays`: pickles
+    arguments for engines that cross processes, batches them for engines whose calls are
+    expensive, drives the progress bar and callback, and raises :class:`RegionWriteError`
+    listing every region that failed on all its attempts.
+    """
+    caps = adapter.capabilities
+    failures: list[TaskFailure] = []
+    bar = _progress_bar(progress, len(regions))
+
+    def make_arg(i: int, attempt: int) -> Any:
+        task = build(i, attempt)
+        if caps.crosses_processes:
+            import cloudpickle
+
+            return cloudpickle.dumps(task)
+        return task
+
+    def on_failure(i: int, out: Any, attempts: int) -> None:
+        if isinstance(out, _TaskOutput):
+            error, exc, tb = out.error or "", out.exception, out.traceback
+        else:  # the engine's own failure (a dead worker, a broken pool)
+            error, exc, tb = _describe(out), out, None
+        failures.append(TaskFailure(i, regions[i], error, exc, attempts, tb))
+
+    def on_event(event: ProgressEvent) -> None:
+        if bar is not None:
+            bar(event)
+        if callable(progress) and not isinstance(progress, bool):
+            progress(event)
+
+    batch_size = _batch_rule(caps, item_bytes)
+    try:
+        run_loop(
+            adapter,
+            fn if batch_size is None else functools.partial(run_batch, fn),
+            len(regions),
+            make_arg,
+            batch_size=batch_size,
+            retries=retries,
+            is_success=lambda out: isinstance(out, _TaskOutput) and out.ok,
+            describe_error=_describe,
+            on_success=on_success,
+            on_failure=on_failure,
+            on_event=on_event,
+        )
+    finally:
+        if bar is not None:
+            bar(None)
+    if failures:
+        failures.sort(key=lambda f: f.index)
+        lines = "\n".join(
+            f"  region #{f.index} ({_fmt(f.region)}), {f.attempts} attempt(s): "
+            + _first_line(f.error)
+            for f in failures[:10]
+        )
+        more = f"\n  ... and {len(failures) - 10} more" if len(failures) > 10 else ""
+        raise RegionWriteError(
+            f"{len(failures)} of {len(regions)} region(s) failed after {retries + 1} "
+            f"attempt(s) each; nothing was committed.\n{lines}{more}",
+            failures,
+        )
 
 
 def _batch_rule(caps: Capabilities, item_bytes: int) -> Callable[[int], int] | None:
