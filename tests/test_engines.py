@@ -46,6 +46,14 @@ def lithops_executor():
     fexec.clean()
 
 
+ENGINE_FIXTURES = {"ray": "ray_engine", "dask": "dask_client", "lithops": "lithops_executor"}
+
+
+def start_engine(request, name):
+    """Start (once per session) the engine that ``executor=name`` will find."""
+    return request.getfixturevalue(ENGINE_FIXTURES[name])
+
+
 def _engine_params(*names):
     return [pytest.param(n, marks=getattr(pytest.mark, n.split("-")[0])) for n in names]
 
@@ -117,8 +125,7 @@ def test_retries_and_permanent_failure(tmp_path, engine):
 
 @pytest.mark.parametrize("name", _engine_params("ray", "dask", "lithops"))
 def test_a_killed_worker_ends_in_a_retry_or_a_clear_error(tmp_path, name, request):
-    request.getfixturevalue({"ray": "ray_engine", "dask": "dask_client",
-                             "lithops": "lithops_executor"}[name])  # fmt: skip
+    start_engine(request, name)
     ds = full_dataset()
     repo = make_repo(tmp_path / "repo")
     before = repo.lookup_branch("main")
@@ -176,8 +183,7 @@ def test_bad_input_on_engines_is_refused_before_writing(tmp_path, name, request)
 
     from icechunk_distributed import InvalidRegionError, UnpicklableSourceError
 
-    request.getfixturevalue({"ray": "ray_engine", "dask": "dask_client",
-                             "lithops": "lithops_executor"}[name])  # fmt: skip
+    start_engine(request, name)
     ds = full_dataset()
     repo = make_repo(tmp_path / "repo")
     before = (repo.lookup_branch("main"), n_objects(tmp_path / "repo"))
