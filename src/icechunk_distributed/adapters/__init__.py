@@ -44,6 +44,10 @@ class Capabilities:
         Rough seconds of overhead per call; above zero, the loop batches tasks into fewer calls.
     max_arg_bytes : int or None
         Largest pickled call argument the engine accepts (Lithops' ``data_limit``).
+    supports_backups : bool
+        :meth:`Adapter.map_unordered` takes ``poll`` and the ``None`` items that come with it,
+        and allows one key in flight twice: the loop may then run backup copies of straggling
+        tasks (:class:`~icechunk_distributed.runner.Backups`).
     """
 
     crosses_processes: bool
@@ -51,6 +55,7 @@ class Capabilities:
     supports_cancel: bool = True
     per_call_overhead: float = 0.0
     max_arg_bytes: int | None = None
+    supports_backups: bool = False
 
 
 class Adapter(abc.ABC):
@@ -65,12 +70,22 @@ class Adapter(abc.ABC):
 
     @abc.abstractmethod
     def map_unordered(
-        self, fn: Callable[[Any], Any], items: Iterable[tuple[Any, Any]]
+        self,
+        fn: Callable[[Any], Any],
+        items: Iterable[tuple[Any, Any] | None],
+        *,
+        poll: float | None = None,
     ) -> Iterator[Outcome]:
         """Run ``fn(arg)`` for every ``(key, arg)``; yield ``(key, result)`` as each finishes.
 
         ``items`` is consumed lazily, so arguments are built only when a slot frees up.
         Closing the generator cancels what has not started.
+
+        ``poll`` is only passed to adapters that declare ``supports_backups``. Then ``items``
+        may yield ``None``, only while some item is still in flight, meaning "nothing to
+        submit right now": stop pulling, wait up to ``poll`` seconds for a completion, yield
+        what completed, then pull again. A key may then be in flight twice (a backup copy).
+        Without ``poll``, ``items`` holds no ``None``.
         """
 
     def close(self) -> None:  # noqa: B027 - optional hook

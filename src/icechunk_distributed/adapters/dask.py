@@ -48,10 +48,14 @@ class DaskAdapter(Adapter):
     def capabilities(self) -> Capabilities:
         """Tasks cross processes; one per worker thread runs at once."""
         threads = sum(self.client.nthreads().values()) or 1
-        return Capabilities(crosses_processes=True, parallelism=threads)
+        return Capabilities(crosses_processes=True, parallelism=threads, supports_backups=True)
 
     def map_unordered(
-        self, fn: Callable[[Any], Any], items: Iterable[tuple[Any, Any]]
+        self,
+        fn: Callable[[Any], Any],
+        items: Iterable[tuple[Any, Any] | None],
+        *,
+        poll: float | None = None,
     ) -> Iterator[Outcome]:
         """Submit with bounded tasks in flight; yield as ``as_completed`` returns them."""
         distributed = import_engine("distributed", "dask")
@@ -66,27 +70,39 @@ class DaskAdapter(Adapter):
             nonlocal exhausted
             while not exhausted and len(keys) < limit:
                 try:
-                    key, arg = next(source)
+                    item = next(source)
                 except StopIteration:
                     exhausted = True
                     return
+                if item is None:  # nothing to submit right now
+                    return
+                key, arg = item
                 future = self.client.submit(fn, arg, pure=False)
                 keys[future] = key
                 queue.add(future)
 
+        def completed() -> list[Any]:
+            if poll is None:
+                return [next(queue)]
+            # Sleep until a completion is queued (as_completed notifies this condition for
+            # each one) or `poll` seconds pass.
+            with queue.thread_condition:
+                queue.thread_condition.wait_for(queue.has_ready, timeout=poll)
+            return list(queue.next_batch(block=False))
+
         try:
             top_up()
             while keys:
-                future = next(queue)
-                key = keys.pop(future)
-                try:
-                    result = future.result()
-                except Exception as exc:  # the task raised or its worker was lost for good
-                    yield key, exc
-                else:
-                    yield key, result
-                finally:
-                    future.release()
+                for future in completed():
+                    key = keys.pop(future)
+                    try:
+                        result = future.result()
+                    except Exception as exc:  # the task raised or its worker was lost for good
+                        yield key, exc
+                    else:
+                        yield key, result
+                    finally:
+                        future.release()
                 top_up()
         finally:
             for future in keys:

@@ -57,10 +57,14 @@ class JoblibAdapter(Adapter):
         )
 
     def map_unordered(
-        self, fn: Callable[[Any], Any], items: Iterable[tuple[Any, Any]]
+        self,
+        fn: Callable[[Any], Any],
+        items: Iterable[tuple[Any, Any] | None],
+        *,
+        poll: float | None = None,
     ) -> Iterator[Outcome]:
-        """Yield ``(key, result)`` in completion order."""
+        """Yield ``(key, result)`` in completion order (no backups: ``poll`` is never passed)."""
         joblib = import_engine("joblib", "joblib")
         parallel = joblib.Parallel(n_jobs=self._n_jobs, return_as="generator_unordered")
-        calls = (joblib.delayed(_call)(fn, key, arg) for key, arg in items)
+        calls = (joblib.delayed(_call)(fn, key, arg) for key, arg in filter(None, items))
         yield from parallel(calls)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import sys
+import time
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
@@ -12,6 +13,29 @@ from icechunk_distributed.adapters import Adapter, Capabilities, Outcome, import
 __all__ = ["LithopsAdapter", "localhost_config"]
 
 DATA_LIMIT_MIB = 4
+
+_SESSION_PID: int | None = None
+
+
+def _own_session() -> None:
+    """Give this process its own Lithops session id, once.
+
+    Lithops passes its session id and executor count to child processes through the
+    environment, so two coordinators started by one parent both name their first executor
+    ``<parent session>-1``, and the second reads the first one's stored results (seen on
+    localhost after a killed coordinator: its tasks "returned" forks of another run, which
+    ``merge_sessions`` refused). A fresh session id per process keeps their keys apart.
+    """
+    global _SESSION_PID
+    import os
+    import uuid
+
+    if os.getpid() != _SESSION_PID:
+        os.environ["__LITHOPS_SESSION_ID"] = uuid.uuid4().hex[:6]
+        os.environ.pop("__LITHOPS_TOTAL_EXECUTORS", None)
+        _SESSION_PID = os.getpid()
+
+
 """Lithops refuses call arguments over this many MiB unless ``data_limit`` is raised."""
 
 
@@ -62,6 +86,8 @@ class LithopsAdapter(Adapter):
     declares a per-call overhead: the generic loop then batches regions, at most two calls per
     worker per round (240 one-chunk regions on 2 workers: 4 calls). Call arguments must stay
     under Lithops' ``data_limit`` (4 MiB by default): a loader source ships regions, not data.
+    Straggler backups need calls that run side by side across jobs: not on the localhost
+    backend's version 1 (the default of :func:`localhost_config`), which runs jobs in turn.
     """
 
     name = "lithops"
@@ -79,15 +105,21 @@ class LithopsAdapter(Adapter):
             import os
 
             config = config or localhost_config(workers)
+            _own_session()
             executor = lithops.FunctionExecutor(config=config, log_level=None)
             workers = workers or config.get("localhost", {}).get("worker_processes")
             workers = workers or os.cpu_count() or 1
         self.executor = executor
-        self._workers = workers or getattr(executor, "config", {}).get("lithops", {}).get(
-            "max_workers", 8
-        )
-        limit = getattr(executor, "config", {}).get("lithops", {}).get("data_limit", DATA_LIMIT_MIB)
+        settings = getattr(executor, "config", {})
+        self._workers = workers or settings.get("lithops", {}).get("max_workers", 8)
+        limit = settings.get("lithops", {}).get("data_limit", DATA_LIMIT_MIB)
         self.data_limit = int(limit * 2**20) if limit else None
+        # Localhost v1 runs one job (map) after another: a backup would only start once the
+        # straggler's job had ended. Cloud backends and localhost v2 run calls side by side.
+        self._backups = not (
+            settings.get("lithops", {}).get("backend") == "localhost"
+            and settings.get("localhost", {}).get("version", 2) == 1
+        )
         self.n_calls = 0  # Lithops calls made, for the record (each costs ~0.4 s or more)
 
     @property
@@ -99,37 +131,63 @@ class LithopsAdapter(Adapter):
             supports_cancel=False,
             per_call_overhead=0.4,
             max_arg_bytes=self.data_limit,
+            supports_backups=self._backups,
         )
 
     def map_unordered(
-        self, fn: Callable[[Any], Any], items: Iterable[tuple[Any, Any]]
+        self,
+        fn: Callable[[Any], Any],
+        items: Iterable[tuple[Any, Any] | None],
+        *,
+        poll: float | None = None,
     ) -> Iterator[Outcome]:
-        """Submit every call of the round at once; yield results as calls finish."""
-        import cloudpickle
-        from lithops.wait import ANY_COMPLETED
+        """Submit every call available at once (one ``map``); yield results as calls finish.
 
-        batch = list(items)
-        if not batch:
-            return
-        keys = [k for k, _ in batch]
-        args = [cloudpickle.dumps((fn, a)) for _, a in batch]
-        futures = self.executor.map(_call, args, include_modules=[])
-        self.n_calls += len(args)
-        index = {id(f): k for f, k in zip(futures, keys, strict=True)}
-        pending = list(futures)
+        With ``poll``, statuses are checked every ``poll`` seconds and calls that became
+        available meanwhile (backups) go out in a further ``map``. Lithops cannot cancel:
+        an abandoned call runs to its end.
+        """
+        import cloudpickle
+        from lithops.wait import ALWAYS, ANY_COMPLETED
+
+        source = iter(items)
+        keys: dict[int, Any] = {}  # id(future) -> key
+        pending: list[Any] = []
+
+        def submit() -> None:
+            batch = []
+            for item in source:
+                if item is None:  # nothing more for now
+                    break
+                batch.append(item)
+            if batch:
+                args = [cloudpickle.dumps((fn, a)) for _, a in batch]
+                futures = self.executor.map(_call, args, include_modules=[])
+                self.n_calls += len(args)
+                keys.update((id(f), k) for f, (k, _) in zip(futures, batch, strict=True))
+                pending.extend(futures)
+
+        submit()
         while pending:
-            done, pending = self.executor.wait(
+            # Lithops' own wait timeout fails the futures waited on, so polling is a
+            # non-blocking status check (ALWAYS) and a sleep.
+            done, not_done = self.executor.wait(
                 pending,
                 throw_except=False,
-                return_when=ANY_COMPLETED,
+                return_when=ANY_COMPLETED if poll is None else ALWAYS,
                 show_progressbar=False,
             )
+            pending[:] = not_done
+            if poll is not None and not done:
+                time.sleep(poll)
             for future in done:
-                key = index[id(future)]
+                key = keys.pop(id(future))
                 try:
                     yield key, future.result(throw_except=True)
                 except Exception as exc:  # the function or its runner process failed
                     yield key, exc
+            if poll is not None:
+                submit()
 
     def close(self) -> None:
         """Clean up the executor if the adapter made it."""

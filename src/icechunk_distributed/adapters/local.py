@@ -38,10 +38,14 @@ class SerialAdapter(Adapter):
         return Capabilities(crosses_processes=False, parallelism=1, supports_cancel=False)
 
     def map_unordered(
-        self, fn: Callable[[Any], Any], items: Iterable[tuple[Any, Any]]
+        self,
+        fn: Callable[[Any], Any],
+        items: Iterable[tuple[Any, Any] | None],
+        *,
+        poll: float | None = None,
     ) -> Iterator[Outcome]:
-        """Call ``fn`` on each item in turn."""
-        for key, arg in items:
+        """Call ``fn`` on each item in turn (no backups: ``poll`` is never passed)."""
+        for key, arg in filter(None, items):
             try:
                 yield key, fn(arg)
             except Exception as exc:  # the engine's failure, reported per task
@@ -77,6 +81,9 @@ class FuturesAdapter(Adapter):
                 )
         self.executor = executor
         self.owned = owned
+        # Futures left running when a caller stopped listening (the losers of backup races):
+        # close() must not wait for them. Each one leaves the set when it finishes.
+        self._abandoned: set[Future[Any]] = set()
         self._factory = factory
         self._crosses = not isinstance(executor, ThreadPoolExecutor)
         workers = getattr(executor, "_max_workers", None)
@@ -111,10 +118,16 @@ class FuturesAdapter(Adapter):
     @property
     def capabilities(self) -> Capabilities:
         """Thread pools share memory; everything else pickles tasks."""
-        return Capabilities(crosses_processes=self._crosses, parallelism=self._parallelism)
+        return Capabilities(
+            crosses_processes=self._crosses, parallelism=self._parallelism, supports_backups=True
+        )
 
     def map_unordered(
-        self, fn: Callable[[Any], Any], items: Iterable[tuple[Any, Any]]
+        self,
+        fn: Callable[[Any], Any],
+        items: Iterable[tuple[Any, Any] | None],
+        *,
+        poll: float | None = None,
     ) -> Iterator[Outcome]:
         """Keep ``2 x parallelism`` tasks in flight; yield each as it completes."""
         limit = 2 * self._parallelism
@@ -125,10 +138,13 @@ class FuturesAdapter(Adapter):
             while True:
                 while not exhausted and len(pending) < limit:
                     try:
-                        key, arg = next(source)
+                        item = next(source)
                     except StopIteration:
                         exhausted = True
                         break
+                    if item is None:  # nothing to submit right now
+                        break
+                    key, arg = item
                     pool = self.executor
                     try:
                         pending[pool.submit(fn, arg)] = (key, pool)
@@ -138,7 +154,7 @@ class FuturesAdapter(Adapter):
                         yield key, exc
                 if not pending:
                     return
-                done, _ = wait(pending, return_when=FIRST_COMPLETED)
+                done, _ = wait(pending, timeout=poll, return_when=FIRST_COMPLETED)
                 for future in done:
                     key, pool = pending.pop(future)
                     try:
@@ -151,9 +167,11 @@ class FuturesAdapter(Adapter):
                         yield key, result
         finally:
             for future in pending:
-                future.cancel()
+                if not future.cancel():  # already running: it cannot be stopped
+                    self._abandoned.add(future)
+                    future.add_done_callback(self._abandoned.discard)
 
     def close(self) -> None:
-        """Shut the pool down if the adapter made it."""
+        """Shut the pool down if the adapter made it, without waiting for abandoned tasks."""
         if self.owned:
-            self.executor.shutdown(wait=True, cancel_futures=True)
+            self.executor.shutdown(wait=not self._abandoned, cancel_futures=True)

@@ -42,10 +42,14 @@ class RayAdapter(Adapter):
     @property
     def capabilities(self) -> Capabilities:
         """Tasks cross processes; one per CPU runs at once."""
-        return Capabilities(crosses_processes=True, parallelism=self._cpus)
+        return Capabilities(crosses_processes=True, parallelism=self._cpus, supports_backups=True)
 
     def map_unordered(
-        self, fn: Callable[[Any], Any], items: Iterable[tuple[Any, Any]]
+        self,
+        fn: Callable[[Any], Any],
+        items: Iterable[tuple[Any, Any] | None],
+        *,
+        poll: float | None = None,
     ) -> Iterator[Outcome]:
         """Submit up to ``max_in_flight`` tasks; yield each result as ``ray.wait`` returns it."""
         ray = import_engine("ray", "ray")
@@ -57,24 +61,28 @@ class RayAdapter(Adapter):
             while True:
                 while not exhausted and len(pending) < self._max_in_flight:
                     try:
-                        key, arg = next(source)
+                        item = next(source)
                     except StopIteration:
                         exhausted = True
                         break
+                    if item is None:  # nothing to submit right now
+                        break
+                    key, arg = item
                     pending[remote.remote(arg)] = key
                 if not pending:
                     return
-                (ready,), _ = ray.wait(list(pending), num_returns=1)
-                key = pending.pop(ready)
-                try:
-                    result = ray.get(ready)
-                except Exception as exc:  # a worker crashed, the object was lost, ...
-                    yield key, exc
-                else:
-                    yield key, result
+                ready, _ = ray.wait(list(pending), num_returns=1, timeout=poll)
+                for ref in ready:
+                    key = pending.pop(ref)
+                    try:
+                        result = ray.get(ref)
+                    except Exception as exc:  # a worker crashed, the object was lost, ...
+                        yield key, exc
+                    else:
+                        yield key, result
         finally:
             for ref in pending:
-                ray.cancel(ref, force=True)
+                ray.cancel(ref, force=True)  # kills the worker of a task still running
 
     def close(self) -> None:
         """Shut Ray down if this adapter started it."""
