@@ -124,3 +124,32 @@ def test_fast_path_keeps_strings_bools_and_datetimes(repo):
     enc = {**ENC, "label": {"chunks": (2,)}, "flag": {"chunks": (2,)}, "when": {"chunks": (2,)}}
     run_region_writes(ds, repo, encoding=enc, progress=False)
     xr.testing.assert_identical(read_back(repo), ds)
+
+
+def test_errors_with_extra_fields_survive_pickling():
+    # Found by the S3 work: a run inside a process-pool task that failed surfaced as
+    # BrokenProcessPool, because these errors could not be unpickled.
+    import pickle
+
+    from icechunk_distributed import (
+        OverlappingWritesError,
+        RegionWriteError,
+        TargetMovedError,
+    )
+
+    errors = [
+        RegionWriteError("2 regions failed", ["f1", "f2"]),
+        OverlappingWritesError("overlap", [("/a", (0,))]),
+        TargetMovedError(
+            "moved",
+            run_id="r",
+            work_branch="w",
+            snapshot_id=None,
+            base_snapshot_id="b",
+            tip_snapshot_id="t",
+        ),
+    ]
+    for error in errors:
+        back = pickle.loads(pickle.dumps(error))
+        assert type(back) is type(error) and str(back) == str(error)
+        assert back.__dict__ == error.__dict__

@@ -19,12 +19,21 @@ from icechunk_distributed.errors import (
     PayloadTooLargeError,
     PicklingNotAllowedError,
     RegionWriteError,
+    RunMismatchError,
     SessionStateError,
+    TargetMovedError,
     TemplateMismatchError,
     UnpicklableSourceError,
 )
 from icechunk_distributed.planning import plan_regions
-from icechunk_distributed.runner import ProgressEvent
+from icechunk_distributed.runner import Backups, ProgressEvent
+from icechunk_distributed.runs import (
+    CleanupReport,
+    RunInfo,
+    garbage_collect,
+    list_runs,
+    remove_run,
+)
 from icechunk_distributed.session import (
     DistributedSession,
     SessionSnapshot,
@@ -42,7 +51,9 @@ from icechunk_distributed.writer import (
 
 __all__ = [
     "Adapter",
+    "Backups",
     "Capabilities",
+    "CleanupReport",
     "CommitConflictError",
     "DistributedSession",
     "DistributedWriteError",
@@ -56,8 +67,11 @@ __all__ = [
     "ProgressEvent",
     "RegionWriteError",
     "RegionWriter",
+    "RunInfo",
+    "RunMismatchError",
     "SessionSnapshot",
     "SessionStateError",
+    "TargetMovedError",
     "TaskFailure",
     "TaskRecord",
     "TemplateMismatchError",
@@ -65,8 +79,11 @@ __all__ = [
     "WriteResult",
     "__version__",
     "allow_pickling",
+    "garbage_collect",
+    "list_runs",
     "merge_sessions",
     "plan_regions",
+    "remove_run",
     "run_region_writes",
     "store_arrays",
     "writable_session",

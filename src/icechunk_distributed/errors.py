@@ -22,14 +22,28 @@ __all__ = [
     "PayloadTooLargeError",
     "PicklingNotAllowedError",
     "RegionWriteError",
+    "RunMismatchError",
     "SessionStateError",
+    "TargetMovedError",
     "TemplateMismatchError",
     "UnpicklableSourceError",
 ]
 
 
+def _rebuild(cls: type[BaseException], args: tuple[Any, ...], state: dict[str, Any]) -> Any:
+    error = cls.__new__(cls)
+    error.args = args
+    error.__dict__.update(state)
+    return error
+
+
 class DistributedWriteError(Exception):
     """Base class of every error raised by icechunk-distributed."""
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        # Errors with extra constructor arguments must still cross processes intact (a run
+        # inside a worker task reports its own failure, not a broken pool).
+        return (_rebuild, (type(self), self.args, dict(self.__dict__)))
 
 
 class PicklingNotAllowedError(DistributedWriteError, pickle.PicklingError):
@@ -121,3 +135,35 @@ class CommitConflictError(DistributedWriteError, RuntimeError):
 
     Nothing was committed: the branch shows the other writer's commit only.
     """
+
+
+class RunMismatchError(DistributedWriteError, ValueError):
+    """A ``run_id`` was given with a plan other than the one its checkpoints were made for.
+
+    Raised before anything is written. Rerun with the original arguments, pick a new
+    ``run_id``, or drop the old progress with :func:`~icechunk_distributed.remove_run`.
+    """
+
+
+class TargetMovedError(CommitConflictError):
+    """The target branch moved while a resumable run was writing; it was not overwritten.
+
+    The run's complete result (or its progress) stays on ``work_branch`` at ``snapshot_id``.
+    """
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        run_id: str,
+        work_branch: str,
+        snapshot_id: str | None,
+        base_snapshot_id: str,
+        tip_snapshot_id: str,
+    ) -> None:
+        super().__init__(message)
+        self.run_id = run_id
+        self.work_branch = work_branch
+        self.snapshot_id = snapshot_id
+        self.base_snapshot_id = base_snapshot_id
+        self.tip_snapshot_id = tip_snapshot_id

@@ -199,6 +199,14 @@ class _Lineage:
     def describe(self) -> str:
         return f"branch {self.branch!r} at snapshot {self.base_snapshot_id}"
 
+    def same_base(self, other: _Lineage) -> bool:
+        """Same base session with no commit, discard or rebase in between.
+
+        Checkpoints (see :meth:`DistributedSession._checkpoint`) move the snapshot id but keep
+        the generation: forks made before one still merge, their chunks are all still theirs.
+        """
+        return self.token == other.token and self.generation == other.generation
+
 
 class _Ledger:
     """What has been merged into one target: for overlap checks across merge calls."""
@@ -265,13 +273,22 @@ class _Coordinator:
                 "allow_pickling(), or the session was committed or discarded its changes "
                 "since. " + _PICKLING_FIX
             )
-        if base.read_only or (lineage is not None and lineage != self.lineage()):
+        if base.read_only or (lineage is not None and not lineage.same_base(self.lineage())):
             self.window_open = False
             raise PicklingNotAllowedError(
                 "Refusing to pickle a snapshot of a session that has committed, discarded its "
                 "changes or been rebased since the snapshot was made: its tasks would write "
                 "against an outdated base. Open a new allow_pickling() block. " + _PICKLING_FIX
             )
+
+    def rebind(self, session: Session) -> None:
+        """A checkpoint committed the base and a new session continues it: same generation."""
+        with self._lock:
+            self._session_ref = weakref.ref(session)
+            self._seed = None
+            self.thread_forks = {}
+            if self.current is not None:  # tasks built from now on fork the new base
+                self.current._seed = self.current._lineage = None
 
     def next_generation(self) -> None:
         """The base committed or discarded: every earlier snapshot is now stale."""
@@ -574,6 +591,24 @@ class DistributedSession:
             if self._session.read_only:
                 self._coordinator.next_generation()
 
+    def _checkpoint(self, message: str, metadata: dict[str, Any]) -> str:
+        """Commit what is merged so far and go on writing in a new session on the branch.
+
+        Unlike :meth:`commit`, snapshots shipped before stay valid: their forks merge into the
+        new session (icechunk merges forks of an older snapshot of the branch, and the overlap
+        ledger still knows every chunk merged before). Only for a private branch nobody else
+        commits to: a concurrent commit there raises ``icechunk.ConflictError``.
+        """
+        if self._repository is None:
+            raise SessionStateError("checkpoints need the session's repository")
+        self._absorb_threads()
+        branch = self._session.branch
+        assert branch is not None
+        snapshot_id = self._session.commit(message, metadata, allow_empty=True)
+        self._session = self._repository.writable_session(branch)
+        self._coordinator.rebind(self._session)
+        return snapshot_id
+
     def discard_changes(self) -> None:
         """Drop every uncommitted change, including unmerged thread forks."""
         self._session.discard_changes()
@@ -839,7 +874,7 @@ def _check_lineage(
                 "would merge it silently and its data could be lost: merge each snapshot into "
                 "the session whose allow_pickling() block produced it."
             )
-        if lineage != target.lineage:
+        if not lineage.same_base(target.lineage):
             raise ForeignSessionError(
                 f"{name} was made before {target.describe} committed, discarded its changes "
                 f"or was rebased (then {lineage.describe()}, now "

@@ -9,6 +9,8 @@ and one commit publishes everything, or nothing is committed.
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import functools
 import os
 import socket
@@ -24,18 +26,22 @@ import icechunk
 import numpy as np
 import xarray as xr
 
+from icechunk_distributed import runs
 from icechunk_distributed._version import __version__
 from icechunk_distributed.adapters import Adapter, Capabilities, get_adapter
 from icechunk_distributed.errors import (
     CommitConflictError,
     PayloadTooLargeError,
     RegionWriteError,
+    RunMismatchError,
     SessionStateError,
+    TargetMovedError,
     TemplateMismatchError,
     UnpicklableSourceError,
 )
 from icechunk_distributed.planning import Region, WritePlan, _fmt, build_plan
-from icechunk_distributed.runner import ProgressEvent, run_batch, run_loop
+from icechunk_distributed.runner import Backups, ProgressEvent, run_batch, run_loop
+from icechunk_distributed.runs import plan_digest
 from icechunk_distributed.session import (
     DistributedSession,
     SessionSnapshot,
@@ -219,6 +225,12 @@ class WriteResult:
         The adapter's name.
     session : DistributedSession
         The session holding the writes (committed unless ``commit=False``).
+    run_id : str or None
+        The resumable run's id.
+    n_resumed : int
+        Regions a ``run_id`` run found written by an earlier call (not written again).
+    n_checkpoints : int
+        Checkpoints committed to the run's work branch by this call.
     """
 
     snapshot_id: str | None
@@ -230,6 +242,9 @@ class WriteResult:
     tasks: list[TaskRecord]
     executor: str
     session: DistributedSession = field(repr=False)
+    run_id: str | None = None
+    n_resumed: int = 0
+    n_checkpoints: int = 0
 
 
 # ---------------------------------------------------------------------------------------------
@@ -456,11 +471,11 @@ def _open_session(target: Any, branch: str) -> tuple[DistributedSession, bool]:
     return session, False
 
 
-def _group_of(session: DistributedSession, group: str | None) -> Any:
+def _group_of(store: Any, group: str | None) -> Any:
     import zarr
 
     try:
-        return zarr.open_group(session.session.store, path=group or "", mode="r")
+        return zarr.open_group(store, path=group or "", mode="r")
     except (FileNotFoundError, zarr.errors.GroupNotFoundError, KeyError):
         return None
 
@@ -560,11 +575,20 @@ class RegionWriter:
         self._item_bytes = 0
         self._encodings: dict[str, dict[str, Any]] = {}
         self.executor_name = ""
+        # What planning checks the store against (a resumed run: the target as it was when
+        # the run started, not its work branch, which already holds the metadata).
+        self._reference: Session | None = None
+
+    def _plan_store(self) -> Any:
+        if self._reference is not None:
+            return self._reference.store
+        return self.session.session.store
 
     # -- planning and checking, before anything is written
     def _existing(self) -> dict[str, dict[str, int]]:
         """Check the store against the mode; return the write units of existing arrays."""
-        group = _group_of(self.session, self.group)
+        store = self._plan_store()
+        group = _group_of(store, self.group)
         names = [str(n) for n in self.template.variables]
         if self.mode == "w-":
             if group is not None:
@@ -584,9 +608,7 @@ class RegionWriter:
                 f"{self.group or '/'!r} does not exist; use mode='w-' to create it"
             )
         try:
-            existing = xr.open_zarr(
-                self.session.session.store, group=self.group, consolidated=False, chunks=None
-            )
+            existing = xr.open_zarr(store, group=self.group, consolidated=False, chunks=None)
         except (KeyError, ValueError) as exc:
             raise TemplateMismatchError(
                 f"group {self.group or '/'!r} cannot be read as an xarray Dataset ({exc}); "
@@ -841,7 +863,7 @@ class RegionWriter:
             else:
                 enc["chunks"] = grid
         mode: Mode = self.mode
-        if mode == "w-" and _group_of(self.session, self.group) is not None:
+        if mode == "w-" and _group_of(self.session.session.store, self.group) is not None:
             mode = "a"  # the group exists without these arrays: add them
         meta.to_zarr(
             store,
@@ -934,42 +956,104 @@ class RegionWriter:
             if adapter is not executor:
                 adapter.close()
 
-    def _write_regions(self, adapter: Adapter) -> list[TaskRecord]:
+    def _write_regions(
+        self,
+        adapter: Adapter,
+        *,
+        indices: Sequence[int] | None = None,
+        after_merge: Callable[[int], None] | None = None,
+        backups: Backups | None = None,
+        lock: contextlib.AbstractContextManager[Any] | None = None,
+    ) -> list[TaskRecord]:
+        """Write the regions ``indices`` (all by default); ``after_merge(i)`` follows each merge.
+
+        ``lock`` is held while merging and while building task arguments, so that another
+        thread may checkpoint the session in between.
+        """
+        guard = lock if lock is not None else contextlib.nullcontext()
         plan = self.write_plan
         caps = adapter.capabilities
         self.executor_name = adapter.name
         if caps.crosses_processes:
             self.check_picklable(caps.max_arg_bytes)
-        n = len(plan.regions)
+        todo = list(range(len(plan.regions))) if indices is None else list(indices)
         self._encodings = self._store_encodings()
-        records: list[TaskRecord | None] = [None] * n
+        records: list[TaskRecord | None] = [None] * len(todo)
 
-        def on_success(i: int, out: _TaskOutput, attempts: int) -> None:
+        def on_success(j: int, out: _TaskOutput, attempts: int) -> None:
             assert out.snapshot is not None
-            merge_sessions(self.session, out.snapshot)
-            records[i] = TaskRecord(
+            i = todo[j]
+            with guard:
+                merge_sessions(self.session, out.snapshot)
+                if after_merge is not None:
+                    after_merge(i)
+            records[j] = TaskRecord(
                 i, plan.regions[i], out.seconds, attempts, out.worker, out.n_chunks, out.nbytes
             )
 
         with self.session.allow_pickling() as snapshot:
 
-            def build(i: int, attempt: int) -> _TaskInput:
-                inp = self._task_input(i, snapshot._fresh())
+            def build(j: int, attempt: int) -> _TaskInput:
+                with guard:
+                    inp = self._task_input(todo[j], snapshot._fresh())
                 inp.attempt = attempt
                 return inp
 
             _fan_out(
                 adapter,
                 _run_task,
-                plan.regions,
+                [plan.regions[i] for i in todo],
                 build,
+                backups=backups,
                 retries=self.retries,
                 progress=self.progress,
                 item_bytes=self._item_bytes,
                 on_success=on_success,
+                indices=todo,
             )
         self.records = [r for r in records if r is not None]
         return self.records
+
+    def _commit_args(
+        self, message: str | None, metadata: Mapping[str, Any] | None, run_id: str | None = None
+    ) -> tuple[str, dict[str, Any]]:
+        """The commit message and metadata: the caller's, plus the run's own record."""
+        plan = self.write_plan
+        record = {
+            "version": __version__,
+            "executor": self.executor_name,
+            "mode": self.mode,
+            "group": self.group or "/",
+            "n_regions": len(plan.regions),
+            "n_chunks": sum(r.n_chunks for r in self.records),
+            "region_dims": list(plan.region_dims),
+        }
+        if run_id is not None:
+            record["run_id"] = run_id
+        meta = {**dict(metadata or {}), "icechunk_distributed": record}
+        message = message or (
+            f"icechunk-distributed: {len(plan.regions)} regions, mode {self.mode!r}, "
+            f"{self.executor_name or 'no executor'}"
+        )
+        return message, meta
+
+    def plan_summary(self) -> tuple[dict[str, Any], str]:
+        """What the plan is (JSON-able, for run records) and its fingerprint."""
+        plan, info = self.write_plan, self._described()
+        summary: dict[str, Any] = {
+            "mode": self.mode,
+            "group": self.group or "/",
+            "append_dim": self.append_dim,
+            "region_dims": list(plan.region_dims),
+            "sizes": dict(plan.sizes),
+            "offsets": dict(plan.offsets),
+            "variables": {n: [list(d), str(self.template[n].dtype)] for n, d in plan.dims.items()},
+            "eager": sorted(str(n) for n in info.eager_vars),
+            "n_regions": len(plan.regions),
+        }
+        regions = [[[d, s.start, s.stop] for d, s in r.items()] for r in plan.regions]
+        digest = plan_digest({**summary, "units": plan.units, "regions": regions})
+        return summary, digest
 
     def commit(self, message: str | None = None, metadata: Mapping[str, Any] | None = None) -> str:
         """Commit everything in one snapshot, rebasing over unrelated concurrent commits.
@@ -991,21 +1075,7 @@ class RegionWriter:
         CommitConflictError
             Another commit changed the same chunks or metadata meanwhile; nothing was committed.
         """
-        plan = self.write_plan
-        record = {
-            "version": __version__,
-            "executor": self.executor_name,
-            "mode": self.mode,
-            "group": self.group or "/",
-            "n_regions": len(plan.regions),
-            "n_chunks": sum(r.n_chunks for r in self.records),
-            "region_dims": list(plan.region_dims),
-        }
-        meta = {**dict(metadata or {}), "icechunk_distributed": record}
-        message = message or (
-            f"icechunk-distributed: {len(plan.regions)} regions, mode {self.mode!r}, "
-            f"{self.executor_name or 'no executor'}"
-        )
+        message, meta = self._commit_args(message, metadata)
         try:
             return self.session.commit(message, meta, rebase_with=icechunk.ConflictDetector())
         except (icechunk.ConflictError, icechunk.RebaseFailedError) as exc:
@@ -1026,15 +1096,19 @@ def _fan_out(
     progress: Progress,
     item_bytes: int,
     on_success: Callable[[int, _TaskOutput, int], None],
+    backups: Backups | None = None,
+    indices: Sequence[int] | None = None,
 ) -> None:
     """Run ``fn(build(i, attempt))`` for every region through the generic loop.
 
     Shared by :class:`RegionWriter` and :func:`~icechunk_distributed.store_arrays`: pickles
     arguments for engines that cross processes, batches them for engines whose calls are
     expensive, drives the progress bar and callback, and raises :class:`RegionWriteError`
-    listing every region that failed on all its attempts.
+    listing every region that failed on all its attempts. ``indices`` are the regions'
+    numbers in the plan, for the reports (``range(len(regions))`` by default).
     """
     caps = adapter.capabilities
+    number = list(range(len(regions))) if indices is None else list(indices)
     failures: list[TaskFailure] = []
     bar = _progress_bar(progress, len(regions))
 
@@ -1051,9 +1125,11 @@ def _fan_out(
             error, exc, tb = out.error or "", out.exception, out.traceback
         else:  # the engine's own failure (a dead worker, a broken pool)
             error, exc, tb = _describe(out), out, None
-        failures.append(TaskFailure(i, regions[i], error, exc, attempts, tb))
+        failures.append(TaskFailure(number[i], regions[i], error, exc, attempts, tb))
 
     def on_event(event: ProgressEvent) -> None:
+        if indices is not None:
+            event = dataclasses.replace(event, index=number[event.index])
         if bar is not None:
             bar(event)
         if callable(progress) and not isinstance(progress, bool):
@@ -1073,6 +1149,7 @@ def _fan_out(
             on_success=on_success,
             on_failure=on_failure,
             on_event=on_event,
+            backups=backups,
         )
     finally:
         if bar is not None:
@@ -1147,6 +1224,254 @@ def _progress_bar(progress: Progress, total: int) -> Callable[[ProgressEvent | N
     return update
 
 
+class _Resumable:
+    """A ``run_id`` run: checkpoints on its work branch, one conditional publication."""
+
+    def __init__(self, repo: Repository, run_id: str, branch: str) -> None:
+        self.repo, self.run_id, self.branch = repo, run_id, branch
+        self.work = runs.work_branch(run_id)
+        self.state, tip = runs.read_state(repo, run_id)
+        self.work_tip = tip if self.state is not None else None
+        self.published = None if self.state else runs.published_state(repo, branch, run_id)
+        self.n_checkpoints = 0
+        self.created = False
+        if self.state is None and self.published is None:
+            if branch not in repo.list_branches():
+                mine = sorted(
+                    b for b in repo.list_branches() if not b.startswith(runs.RUN_BRANCH_PREFIX)
+                )
+                raise ValueError(
+                    f"branch {branch!r} does not exist; create it first (existing: {mine})"
+                )
+            if tip is not None:  # a work branch without any checkpoint: nothing to keep
+                repo.delete_branch(self.work)
+            self.base = repo.lookup_branch(branch)
+        else:
+            known = self.state or self.published[0]  # type: ignore[index]
+            if known.branch != branch:
+                raise RunMismatchError(
+                    f"run {run_id!r} writes to branch {known.branch!r}, not {branch!r}. Rerun "
+                    f"with branch={known.branch!r}, or use another run_id."
+                )
+            self.base = known.base_snapshot_id
+
+    @property
+    def session_branch(self) -> str:
+        """Where the writer's session opens: the work branch once it exists."""
+        return self.branch if self.published else self.work
+
+    def start(self) -> None:
+        if self.state is None and self.published is None:
+            self.repo.create_branch(self.work, self.base)
+            self.created = True
+
+    def check(self, writer: RegionWriter, parallelism: int) -> int:
+        """Plan against the run's base; refuse a plan other than the stored one."""
+        known = self.state or (self.published[0] if self.published else None)
+        if known is not None:
+            parallelism = int(known.plan.get("parallelism") or parallelism)
+        writer._reference = self.repo.readonly_session(snapshot_id=self.base)
+        writer.plan(parallelism=parallelism)
+        summary, digest = writer.plan_summary()
+        if known is not None and known.digest != digest:
+            theirs = {k: v for k, v in known.plan.items() if k != "parallelism"}
+            diff = sorted(k for k in set(summary) | set(theirs) if summary.get(k) != theirs.get(k))
+            raise RunMismatchError(
+                f"run {self.run_id!r} was started with another plan; it differs in "
+                f"{diff or ['the regions (task_size= or regions=)']}: stored "
+                f"{ {k: theirs.get(k) for k in diff} }, now { {k: summary.get(k) for k in diff} }. "
+                "Rerun with the original arguments, use another run_id, or drop its progress "
+                f"with icechunk_distributed.remove_run(repo, {self.run_id!r})."
+            )
+        if known is None:
+            self.state = runs.RunState(
+                run_id=self.run_id,
+                branch=self.branch,
+                base_snapshot_id=self.base,
+                digest=digest,
+                plan={**summary, "parallelism": parallelism},
+                n_regions=len(writer.write_plan.regions),
+                started=runs.now_iso(),
+            )
+        return parallelism
+
+    def tip_moved(self, snapshot_id: str | None) -> TargetMovedError | None:
+        tip = self.repo.lookup_branch(self.branch)
+        if tip == self.base:
+            return None
+        done = snapshot_id is not None
+        return TargetMovedError(
+            f"branch {self.branch!r} moved while run {self.run_id!r} was writing (the run "
+            f"started at snapshot {self.base}, the branch is now at {tip}); it was not "
+            "overwritten. "
+            + (
+                f"The complete result is on branch {self.work!r} at snapshot {snapshot_id}. "
+                if done
+                else f"The progress so far is kept on branch {self.work!r}. "
+            )
+            + "Either publish it over the other commits, dropping them from the branch, with "
+            f"repo.reset_branch({self.branch!r}, repo.lookup_branch({self.work!r})) "
+            + ("" if done else "once the run is complete ")
+            + "or start over on top of them with "
+            f"icechunk_distributed.remove_run(repo, {self.run_id!r}) and the same call again.",
+            run_id=self.run_id,
+            work_branch=self.work,
+            snapshot_id=snapshot_id,
+            base_snapshot_id=self.base,
+            tip_snapshot_id=tip,
+        )
+
+    def checkpoint(self, writer: RegionWriter, message: str) -> None:
+        assert self.state is not None
+        try:
+            writer.session._checkpoint(message, self.state.to_metadata())
+        except icechunk.ConflictError as exc:
+            raise CommitConflictError(
+                f"another process committed to {self.work!r}, the private branch of run "
+                f"{self.run_id!r}: is a second coordinator running with the same run_id? "
+                "Only one may run at a time."
+            ) from exc
+        self.n_checkpoints += 1
+
+    def publish(self, snapshot_id: str) -> None:
+        try:
+            self.repo.reset_branch(self.branch, snapshot_id, from_snapshot_id=self.base)
+        except icechunk.ConflictError:
+            moved = self.tip_moved(snapshot_id)
+            if moved is None:  # pragma: no cover - it moved and came back
+                raise
+            raise moved from None
+        if self.work in self.repo.list_branches():
+            self.repo.delete_branch(self.work)
+
+    def abandon(self) -> None:
+        """After a failure before the first checkpoint: the work branch holds nothing."""
+        if self.created and self.n_checkpoints == 0:
+            with contextlib.suppress(Exception):
+                self.repo.delete_branch(self.work)
+
+
+class _Checkpointer:
+    """Commits a run's progress at least every ``every`` seconds while regions are merged.
+
+    A timer thread saves merged-but-unsaved regions even when no result arrives for a while
+    (the last, slow tasks): ``lock`` keeps merges, argument building and checkpoints apart.
+    """
+
+    def __init__(self, run: _Resumable, writer: RegionWriter, every: float) -> None:
+        self.run, self.writer, self.every = run, writer, every
+        self.lock = threading.Lock()
+        self.dirty = False
+        self.last = time.monotonic()
+        self.error: BaseException | None = None
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, name="checkpoints", daemon=True)
+
+    def __enter__(self) -> _Checkpointer:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    def save(self) -> None:
+        self.run.checkpoint(self.writer, f"icechunk-distributed run {self.run.run_id}: checkpoint")
+        self.dirty, self.last = False, time.monotonic()
+
+    def merged(self, index: int) -> None:
+        """Called with ``lock`` held, after region ``index`` was merged."""
+        if self.error is not None:
+            raise self.error
+        assert self.run.state is not None
+        self.run.state.done.add(index)
+        self.dirty = True
+        if time.monotonic() - self.last >= self.every:
+            self.save()
+
+    def _loop(self) -> None:
+        while not self._stop.wait(min(self.every, 1.0)):
+            with self.lock:
+                if self.dirty and time.monotonic() - self.last >= self.every:
+                    try:
+                        self.save()
+                    except BaseException as exc:  # raised in the coordinator's thread
+                        self.error = exc
+                        return
+
+
+def _write_resumable(
+    writer: RegionWriter,
+    run: _Resumable,
+    adapter: Adapter,
+    *,
+    message: str | None,
+    metadata: Mapping[str, Any] | None,
+    checkpoint_every: float,
+    backups: Backups | None,
+) -> tuple[str, list[TaskRecord], int]:
+    """Plan, check, write what the work branch lacks, checkpoint, publish; see run_id=."""
+    run.check(writer, adapter.capabilities.parallelism)
+    if run.published is not None:
+        _, snapshot_id = run.published
+        if run.work in run.repo.list_branches():
+            run.repo.delete_branch(run.work)
+        return snapshot_id, [], len(writer.write_plan.regions)
+    state = run.state
+    assert state is not None
+    n_resumed = len(state.done)
+    if state.complete and run.work_tip is not None:  # stopped between commit and publication
+        run.publish(run.work_tip)
+        return run.work_tip, [], n_resumed
+    moved = run.tip_moved(None)
+    if moved is not None:
+        raise moved
+    if run.created:
+        if adapter.capabilities.crosses_processes:
+            writer.check_picklable(adapter.capabilities.max_arg_bytes)  # before any write
+        writer.write_metadata()
+        writer.write_eager()
+        run.checkpoint(writer, f"icechunk-distributed run {run.run_id}: metadata")
+    records: list[TaskRecord] = []
+    if not state.complete:
+        saver = _Checkpointer(run, writer, checkpoint_every)
+        todo = [i for i in range(state.n_regions) if i not in state.done]
+        try:
+            with saver:
+                records = writer._write_regions(
+                    adapter,
+                    indices=todo,
+                    after_merge=saver.merged,
+                    backups=backups,
+                    lock=saver.lock,
+                )
+        except BaseException as exc:
+            # Keep what was merged: the same call again continues from there.
+            if saver.dirty:
+                with contextlib.suppress(Exception):
+                    saver.save()
+            if isinstance(exc, RegionWriteError) and exc.args:
+                exc.args = (
+                    exc.args[0].replace("nothing was committed", "the target branch is unchanged")
+                    + f"\nThe {len(state.done)} region(s) written are kept on branch "
+                    f"{run.work!r}: call again with run_id={run.run_id!r} to write only the "
+                    "rest.",
+                )
+            raise
+        state.complete = True
+    message, meta = writer._commit_args(message, metadata, run.run_id)
+    meta.update(state.to_metadata())
+    try:
+        snapshot_id = writer.session.commit(message, meta, allow_empty=True)
+    except icechunk.ConflictError as exc:
+        raise CommitConflictError(
+            f"another process committed to {run.work!r}, the private branch of run "
+            f"{run.run_id!r}: only one coordinator may run a run_id at a time"
+        ) from exc
+    run.publish(snapshot_id)
+    return snapshot_id, records, n_resumed
+
+
 def run_region_writes(
     source: xr.Dataset | Loader,
     target: Repository | Session | DistributedSession,
@@ -1167,6 +1492,9 @@ def run_region_writes(
     progress: Progress = None,
     commit: bool = True,
     workers: int | None = None,
+    run_id: str | None = None,
+    checkpoint_every: float = 10.0,
+    backups: Backups | bool | None = None,
 ) -> WriteResult:
     """Write ``source`` into an Icechunk repository region-parallel, and commit once.
 
@@ -1218,18 +1546,56 @@ def run_region_writes(
         Commit at the end; ``False`` leaves the merged session uncommitted (session targets).
     workers : int, optional
         Pool size for executors started by name.
+    run_id : str, optional
+        Make the run resumable (needs a repository target): progress is committed every
+        ``checkpoint_every`` seconds to the private branch ``icechunk-distributed/<run_id>``;
+        the same call again, after a crash or a failure, writes only what is missing. The
+        target branch moves once, at the end, and only if nobody committed to it meanwhile
+        (else :class:`~icechunk_distributed.TargetMovedError`). See ``docs/reliability.md``.
+    checkpoint_every : float, default 10.0
+        Seconds of progress between checkpoints of a ``run_id`` run.
+    backups : bool or Backups, optional
+        Launch a backup copy of tasks running far longer than their peers (``True`` for the
+        defaults of :class:`~icechunk_distributed.runner.Backups`); the first copy to finish
+        wins and the other is never merged. Off by default.
 
     Returns
     -------
     WriteResult
         Snapshot id, counts, bytes, seconds and per-task records.
+
+    Raises
+    ------
+    RegionWriteError
+        Regions failed on every attempt; nothing was committed (a ``run_id`` run keeps the
+        written regions on its work branch).
+    CommitConflictError
+        A concurrent commit changed the same chunks; nothing was committed.
+    TargetMovedError
+        With ``run_id``: the target branch moved during the run; it was not overwritten.
+    RunMismatchError
+        With ``run_id``: the stored run was planned with other arguments.
     """
     t0 = time.perf_counter()
+    if checkpoint_every <= 0:
+        raise ValueError(f"checkpoint_every must be positive (seconds), got {checkpoint_every}")
+    policy = Backups() if backups is True else backups or None
+    run: _Resumable | None = None
+    if run_id is not None:
+        if not isinstance(target, icechunk.Repository):
+            raise TypeError(
+                "run_id= needs the Repository as target: the run commits to its own work "
+                f"branch and publishes to branch={branch!r}; got {type(target).__name__}"
+            )
+        if not commit:
+            raise ValueError("run_id= publishes at the end; it cannot go with commit=False")
+        run = _Resumable(target, run_id, branch)
+        run.start()
     writer = RegionWriter(
         source,
         target,
         template=template,
-        branch=branch,
+        branch=branch if run is None else run.session_branch,
         group=group,
         mode=mode,
         append_dim=append_dim,
@@ -1240,18 +1606,38 @@ def run_region_writes(
         retries=retries,
         progress=progress,
     )
-    adapter = get_adapter(executor, workers=workers)
+    n_resumed = 0
+    snapshot_id: str | None
     try:
-        writer.plan(parallelism=adapter.capabilities.parallelism)
-        if adapter.capabilities.crosses_processes:
-            writer.check_picklable(adapter.capabilities.max_arg_bytes)  # before any write
-        writer.write_metadata()
-        writer.write_eager()
-        records = writer._write_regions(adapter)
-        snapshot_id = writer.commit(message, metadata) if commit else None
+        adapter = get_adapter(executor, workers=workers)
+    except BaseException:
+        if run is not None:
+            run.abandon()
+        raise
+    try:
+        if run is not None:
+            snapshot_id, records, n_resumed = _write_resumable(
+                writer,
+                run,
+                adapter,
+                message=message,
+                metadata=metadata,
+                checkpoint_every=checkpoint_every,
+                backups=policy,
+            )
+        else:
+            writer.plan(parallelism=adapter.capabilities.parallelism)
+            if adapter.capabilities.crosses_processes:
+                writer.check_picklable(adapter.capabilities.max_arg_bytes)  # before any write
+            writer.write_metadata()
+            writer.write_eager()
+            records = writer._write_regions(adapter, backups=policy)
+            snapshot_id = writer.commit(message, metadata) if commit else None
     except BaseException:
         if writer.owns_session and not writer.session.read_only:
             writer.session.discard_changes()  # nothing was committed: drop it all
+        if run is not None:
+            run.abandon()
         raise
     finally:
         if adapter is not executor:
@@ -1259,7 +1645,7 @@ def run_region_writes(
     plan = writer.write_plan
     return WriteResult(
         snapshot_id=snapshot_id,
-        branch=writer.branch,
+        branch=branch if run is not None else writer.branch,
         n_regions=len(plan.regions),
         n_chunks=sum(r.n_chunks for r in records),
         bytes_written=sum(r.nbytes for r in records),
@@ -1267,4 +1653,7 @@ def run_region_writes(
         tasks=records,
         executor=adapter.name,
         session=writer.session,
+        run_id=run_id,
+        n_resumed=n_resumed,
+        n_checkpoints=run.n_checkpoints if run is not None else 0,
     )

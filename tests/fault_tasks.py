@@ -1,0 +1,143 @@
+"""Loaders that misbehave on purpose, importable by every engine's workers."""
+
+import hashlib
+import os
+import time
+
+import numpy as np
+import xarray as xr
+
+from tasks import full_dataset, load_region
+
+
+def _count(directory: str, key: str) -> int:
+    """Record one more call for ``key`` in ``directory``; return its number (exact across
+    processes: one file per call, created exclusively)."""
+    n = 1
+    while True:
+        try:
+            os.close(os.open(os.path.join(directory, f"{key}.{n}"), os.O_CREAT | os.O_EXCL))
+            return n
+        except FileExistsError:
+            n += 1
+
+
+def calls(directory) -> dict[str, int]:
+    """Calls per region key recorded by the loaders below."""
+    out: dict[str, int] = {}
+    for name in os.listdir(directory):
+        key, _, _ = name.rpartition(".")
+        out[key] = out.get(key, 0) + 1
+    return out
+
+
+def key_of(region) -> str:
+    return "_".join(f"{d}{s.start}-{s.stop}" for d, s in sorted(region.items()))
+
+
+def _full(region, n: int = 12) -> bool:
+    """The coordinator's call for the full extent (variables without a region dim)."""
+    return region["time"].stop - region["time"].start == n
+
+
+class FailRegions:
+    """Raise for the regions whose time start is in ``starts``; load the rest."""
+
+    def __init__(self, starts=()):
+        self.starts = set(starts)
+
+    def __call__(self, region):
+        if region["time"].start in self.starts and not _full(region):
+            raise OSError(f"permanent failure at time={region['time'].start}")
+        return load_region(region)
+
+
+class SlowLoader:
+    """The ``n``-step test dataset's piece after a pause: makes a run last long enough to be
+    interrupted."""
+
+    def __init__(self, seconds=0.05, directory=None, n=12):
+        self.seconds = seconds
+        self.directory = None if directory is None else str(directory)
+        self.n = n
+
+    def __call__(self, region):
+        if self.directory is not None and not _full(region, self.n):
+            _count(self.directory, key_of(region))
+        if not _full(region, self.n):
+            time.sleep(self.seconds)
+        return full_dataset(self.n).isel(region)
+
+
+def soak_dataset(n: int) -> xr.Dataset:
+    """``n`` steps of a tiny variable: one region per step."""
+    return xr.Dataset(
+        {"v": (("time", "x"), np.arange(n * 4, dtype="f4").reshape(n, 4))},
+        coords={"time": np.arange(n, dtype="i8")},
+    )
+
+
+def fails(seed: int, index: int, attempt: int, rate: float) -> bool:
+    """A deterministic coin: whether ``attempt`` of region ``index`` fails."""
+    digest = hashlib.sha256(f"{seed}:{index}:{attempt}".encode()).digest()
+    return int.from_bytes(digest[:8], "big") / 2**64 < rate
+
+
+class RandomFailures:
+    """Soak loader: each attempt fails with probability ``rate``, decided by a seeded hash of
+    (region, attempt), so the expected attempts of every region are known in advance."""
+
+    def __init__(self, directory, n: int, seed: int = 0, rate: float = 0.02):
+        self.directory, self.n, self.seed, self.rate = str(directory), n, seed, rate
+
+    def __call__(self, region):
+        start = region["time"].start
+        if region["time"].stop - start == self.n:  # the coordinator's full-extent call
+            return soak_dataset(self.n)
+        attempt = _count(self.directory, str(start))
+        if fails(self.seed, start, attempt, self.rate):
+            raise OSError(f"random transient failure: region {start}, attempt {attempt}")
+        return soak_dataset(self.n).isel(region)
+
+    def expected_attempts(self, retries: int) -> dict[str, int]:
+        out = {}
+        for i in range(self.n):
+            attempt = 1
+            while fails(self.seed, i, attempt, self.rate) and attempt <= retries:
+                attempt += 1
+            out[str(i)] = attempt
+        return out
+
+
+class GatedLoader:
+    """The ``n``-step dataset, but regions from ``open_until`` on never finish: they wait
+    while the coordinator that made the loader lives, then fail. A coordinator run with it
+    can make progress, but never complete, so a test can kill it midway."""
+
+    def __init__(self, n=24, open_until=12, seconds=0.05):
+        self.n, self.open_until, self.seconds = n, open_until, seconds
+        self.coordinator = os.getpid()
+
+    def __call__(self, region):
+        if not _full(region, self.n):
+            if region["time"].start >= self.open_until:
+                while _alive(self.coordinator):
+                    time.sleep(0.05)
+                raise OSError("the coordinator is gone")
+            time.sleep(self.seconds)
+        return full_dataset(self.n).isel(region)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # pragma: no cover - another user's process
+        return True
+    # A killed child of ours is a zombie until reaped: still "there" for kill(0).
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().split(") ")[-1][:1] != "Z"
+    except OSError:
+        return True

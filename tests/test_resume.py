@@ -1,0 +1,290 @@
+"""Resumable runs: checkpoints on a work branch, resume, conditional publication, clean-up."""
+
+import datetime as dt
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import icechunk
+import pytest
+import xarray as xr
+import zarr
+
+from conftest import read_back
+from fault_tasks import FailRegions, SlowLoader, calls
+from icechunk_distributed import (
+    RegionWriteError,
+    RunMismatchError,
+    TargetMovedError,
+    garbage_collect,
+    list_runs,
+    remove_run,
+    run_region_writes,
+)
+from icechunk_distributed.runs import work_branch
+from tasks import full_dataset, load_region
+
+ENC = {"Tair": {"chunks": (2, 6, 8)}, "station": {"chunks": (2,)}}
+RUN = {"mode": "w-", "encoding": ENC, "task_size": 1, "template": full_dataset()}  # 6 regions
+
+
+def branches(repo):
+    return sorted(repo.list_branches())
+
+
+def tip(repo, branch="main"):
+    return repo.lookup_branch(branch)
+
+
+def run_state(repo, branch):
+    info = next(iter(repo.ancestry(branch=branch)))
+    return info.metadata["icechunk_distributed_run"]
+
+
+def test_run_publishes_once_and_removes_its_work_branch(repo):
+    before = tip(repo)
+    result = run_region_writes(
+        load_region, repo, **RUN, executor="threads", run_id="r1", checkpoint_every=1e-6
+    )
+    xr.testing.assert_identical(read_back(repo), full_dataset())
+    assert branches(repo) == ["main"]
+    assert list_runs(repo) == []
+    assert tip(repo) == result.snapshot_id
+    # Metadata checkpoint + one per merged region, then the final commit, on top of `before`.
+    assert result.n_checkpoints == 7
+    history = [s.id for s in repo.ancestry(branch="main")]
+    assert history[: result.n_checkpoints + 2][-1] == before
+    state = run_state(repo, "main")
+    assert state["complete"] and state["done"] == [[0, 6]] and state["base"] == before
+
+    # The same call again: already published, nothing written, no new commit.
+    again = run_region_writes(load_region, repo, **RUN, executor="threads", run_id="r1")
+    assert again.snapshot_id == result.snapshot_id and again.tasks == []
+    assert again.n_resumed == 6
+    assert tip(repo) == result.snapshot_id
+
+
+def test_failed_run_keeps_progress_and_the_rerun_writes_only_the_rest(repo, tmp_path):
+    before = tip(repo)
+    with pytest.raises(RegionWriteError, match="call again with run_id='r2'") as info:
+        run_region_writes(
+            FailRegions({4, 8}), repo, **RUN, executor="threads", run_id="r2", retries=1
+        )
+    assert "target branch is unchanged" in str(info.value)
+    assert tip(repo) == before  # the target did not move
+    (run,) = list_runs(repo)
+    assert (run.run_id, run.branch, run.n_regions, run.n_done) == ("r2", "main", 6, 4)
+    assert not run.complete and run.base_snapshot_id == before
+
+    counted = tmp_path / "calls"
+    counted.mkdir()
+    result = run_region_writes(
+        SlowLoader(0, counted), repo, **RUN, executor="processes", run_id="r2"
+    )
+    assert sorted(r.index for r in result.tasks) == [2, 4]  # regions starting at 4 and 8
+    assert calls(counted) == {"time4-6": 1, "time8-10": 1}
+    assert result.n_resumed == 4
+    xr.testing.assert_identical(read_back(repo), full_dataset())
+    assert branches(repo) == ["main"]
+
+
+def test_a_rerun_with_another_plan_is_refused_before_writing(repo):
+    with pytest.raises(RegionWriteError):
+        run_region_writes(FailRegions({0}), repo, **RUN, executor="serial", run_id="r3")
+    n = len(list(repo.ancestry(branch=work_branch("r3"))))
+    with pytest.raises(RunMismatchError, match=r"differs in \['n_regions'\].*remove_run"):
+        run_region_writes(
+            load_region, repo, **{**RUN, "task_size": 2}, executor="serial", run_id="r3"
+        )
+    assert len(list(repo.ancestry(branch=work_branch("r3")))) == n
+    repo.create_branch("dev", tip(repo))
+    with pytest.raises(RunMismatchError, match="writes to branch 'main', not 'dev'"):
+        run_region_writes(load_region, repo, **RUN, branch="dev", run_id="r3")
+    assert remove_run(repo, "r3") and not remove_run(repo, "r3")
+    run_region_writes(load_region, repo, **{**RUN, "task_size": 2}, run_id="r3")
+    xr.testing.assert_identical(read_back(repo), full_dataset())
+
+
+def _commit_elsewhere(repo, branch="main"):
+    session = repo.writable_session(branch)
+    zarr.group(session.store).attrs["other"] = "writer"
+    return session.commit("someone else")
+
+
+def test_target_moved_before_resume_is_reported_and_nothing_is_overwritten(repo):
+    with pytest.raises(RegionWriteError):
+        run_region_writes(FailRegions({0}), repo, **RUN, executor="threads", run_id="r4")
+    other = _commit_elsewhere(repo)
+    with pytest.raises(TargetMovedError, match=r"moved while run 'r4'.*remove_run") as info:
+        run_region_writes(load_region, repo, **RUN, executor="threads", run_id="r4")
+    assert info.value.tip_snapshot_id == other and info.value.snapshot_id is None
+    assert tip(repo) == other
+    assert [r.run_id for r in list_runs(repo)] == ["r4"]
+    # The way forward offered: start over on top of the other commit.
+    remove_run(repo, "r4")
+    run_region_writes(load_region, repo, **{**RUN, "mode": "w"}, run_id="r4")
+    got = read_back(repo)
+    xr.testing.assert_identical(got.drop_attrs(), full_dataset().drop_attrs())
+    assert repo.readonly_session("main").store is not None
+
+
+def test_target_moved_during_the_run_keeps_the_complete_result(repo):
+    moved = []
+
+    def progress(event):
+        if event.kind == "done" and not moved:
+            moved.append(_commit_elsewhere(repo))
+
+    with pytest.raises(TargetMovedError, match="complete result is on branch") as info:
+        run_region_writes(
+            load_region, repo, **RUN, executor="threads", run_id="r5", progress=progress
+        )
+    err = info.value
+    assert tip(repo) == moved[0]  # the other commit is the tip, untouched
+    assert err.work_branch == work_branch("r5") and err.snapshot_id == tip(repo, err.work_branch)
+    xr.testing.assert_identical(read_back(repo, err.work_branch), full_dataset())
+    # The first way forward offered: publish over the other commit, deliberately.
+    repo.reset_branch("main", repo.lookup_branch(err.work_branch))
+    xr.testing.assert_identical(read_back(repo), full_dataset())
+
+
+def test_stopped_between_commit_and_publication(repo, monkeypatch):
+    from icechunk_distributed import writer
+
+    def crash(self, snapshot_id):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(writer._Resumable, "publish", crash)
+    with pytest.raises(KeyboardInterrupt):
+        run_region_writes(load_region, repo, **RUN, run_id="r6")
+    monkeypatch.undo()
+    before = tip(repo)
+    assert run_state(repo, work_branch("r6"))["complete"]
+    result = run_region_writes(load_region, repo, **RUN, run_id="r6")
+    assert result.tasks == [] and result.n_resumed == 6
+    assert repo.ancestry(branch="main") is not None and tip(repo) != before
+    xr.testing.assert_identical(read_back(repo), full_dataset())
+    assert branches(repo) == ["main"]
+
+
+def test_failure_before_the_first_checkpoint_leaves_no_work_branch(repo):
+    def bad_eager(region):
+        raise OSError("the source is offline")
+
+    with pytest.raises(OSError, match="offline"):
+        run_region_writes(bad_eager, repo, **RUN, run_id="r7", retries=0)
+    assert branches(repo) == ["main"]
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "error", "match"),
+    [
+        ({"run_id": "no spaces"}, ValueError, "run_id must be"),
+        ({"run_id": "ok", "commit": False}, ValueError, "cannot go with commit=False"),
+        ({"run_id": "ok", "branch": "nope"}, ValueError, "branch 'nope' does not exist"),
+        ({"run_id": "ok", "checkpoint_every": 0}, ValueError, "checkpoint_every must be"),
+    ],
+)
+def test_run_id_arguments_are_checked(repo, kwargs, error, match):
+    with pytest.raises(error, match=match):
+        run_region_writes(load_region, repo, **RUN, **kwargs)
+    assert branches(repo) == ["main"]
+
+
+def test_run_id_needs_a_repository(repo):
+    with pytest.raises(TypeError, match="run_id= needs the Repository"):
+        run_region_writes(load_region, repo.writable_session("main"), **RUN, run_id="x")
+
+
+COORDINATOR = """
+import sys
+import icechunk
+from fault_tasks import GatedLoader
+from icechunk_distributed import run_region_writes
+from tasks import full_dataset
+
+repo = icechunk.Repository.open(icechunk.local_filesystem_storage(sys.argv[1]))
+run_region_writes(
+    GatedLoader(seconds=float(sys.argv[3])), repo, template=full_dataset(24), mode="w-",
+    encoding={"Tair": {"chunks": (1, 6, 8)}, "station": {"chunks": (1,)}}, task_size=1,
+    executor=sys.argv[2], run_id="killed", checkpoint_every=0.05, workers=2,
+)
+"""
+
+
+def kill_coordinator_midway(path, executor: str, pause: float = 0.3, at_least: int = 4) -> int:
+    """Start a coordinator in its own process, SIGKILL it once some regions are checkpointed;
+    return how many were checkpointed."""
+    proc = subprocess.Popen([sys.executable, "-c", COORDINATOR, str(path), executor, str(pause)])
+    repo = icechunk.Repository.open(icechunk.local_filesystem_storage(str(path)))
+    deadline = time.monotonic() + 120
+    try:
+        while time.monotonic() < deadline and proc.poll() is None:
+            runs = list_runs(repo)
+            if runs and runs[0].n_done >= at_least:
+                break
+            time.sleep(0.05)
+        assert proc.poll() is None, "the coordinator ended before it could be killed"
+        os.kill(proc.pid, signal.SIGKILL)
+    finally:
+        proc.kill()
+        proc.wait()
+    repo = icechunk.Repository.open(icechunk.local_filesystem_storage(str(path)))
+    (run,) = list_runs(repo)
+    assert at_least <= run.n_done <= 12 and run.n_regions == 24
+    return run.n_done
+
+
+def load_24(region):
+    return full_dataset(24).isel(region)
+
+
+def test_coordinator_killed_then_resumed(tmp_path):
+    path = tmp_path / "repo"
+    repo = icechunk.Repository.create(icechunk.local_filesystem_storage(str(path)))
+    before = tip(repo)
+    n_done = kill_coordinator_midway(path, "threads")
+    repo = icechunk.Repository.open(icechunk.local_filesystem_storage(str(path)))
+    assert tip(repo) == before
+    result = run_region_writes(
+        load_24,
+        repo,
+        template=full_dataset(24),
+        mode="w-",
+        encoding={"Tair": {"chunks": (1, 6, 8)}, "station": {"chunks": (1,)}},
+        task_size=1,
+        executor="threads",
+        run_id="killed",
+    )
+    assert result.n_resumed == n_done and len(result.tasks) == 24 - n_done
+    xr.testing.assert_identical(read_back(repo), full_dataset(24))
+    assert branches(repo) == ["main"]
+
+
+def test_garbage_collect_spares_unfinished_runs_and_reclaims_removed_ones(repo):
+    # Chunks of over 512 bytes: smaller ones are kept inside manifests, not as objects.
+    big = {**RUN, "encoding": {"Tair": {"chunks": (4, 6, 8)}, "station": {"chunks": (4,)}}}
+    with pytest.raises(RegionWriteError):
+        run_region_writes(FailRegions({0}), repo, **big, run_id="gc")
+    with pytest.raises(ValueError, match="too recent to be safe"):
+        garbage_collect(repo, older_than=dt.timedelta(minutes=5))
+    future = dt.datetime.now(dt.UTC) + dt.timedelta(days=30)
+    report = garbage_collect(repo, older_than=dt.timedelta(days=1), now=future)
+    (run,) = list_runs(repo)
+    assert report.cutoff < dt.datetime.fromisoformat(run.started)
+    assert report.chunks_deleted == 0
+    # The run's progress is intact after the collection: finish it.
+    run_region_writes(load_region, repo, **big, run_id="gc")
+    xr.testing.assert_identical(read_back(repo), full_dataset())
+
+    with pytest.raises(RegionWriteError):
+        run_region_writes(FailRegions({0}), repo, **{**big, "mode": "r+"}, run_id="gone")
+    remove_run(repo, "gone")
+    dry = garbage_collect(repo, older_than=dt.timedelta(days=1), now=future, dry_run=True)
+    assert dry.dry_run and dry.chunks_deleted > 0
+    done = garbage_collect(repo, older_than=dt.timedelta(days=1), now=future)
+    assert done.chunks_deleted == dry.chunks_deleted
+    assert garbage_collect(repo, older_than=dt.timedelta(days=1), now=future).chunks_deleted == 0
+    xr.testing.assert_identical(read_back(repo), full_dataset())
