@@ -55,3 +55,49 @@ def repo(tmp_path) -> icechunk.Repository:
 @pytest.fixture
 def other_repo(tmp_path) -> icechunk.Repository:
     return make_repo(tmp_path / "other")
+
+
+# ---------------------------------------------------------------------------------------------
+# The distributed engines, each started once per test session (for tests/ and tests/faults/).
+
+
+@pytest.fixture(scope="session")
+def ray_engine():
+    ray = pytest.importorskip("ray")
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    yield ray
+    ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def dask_client():
+    distributed = pytest.importorskip("distributed")
+    cluster = distributed.LocalCluster(
+        n_workers=2, threads_per_worker=1, processes=True, dashboard_address=":0"
+    )
+    client = distributed.Client(cluster)
+    yield client
+    client.close()
+    cluster.close()
+
+
+@pytest.fixture(scope="session")
+def lithops_executor():
+    lithops = pytest.importorskip("lithops")
+    from icechunk_distributed.adapters.lithops import localhost_config
+
+    fexec = lithops.FunctionExecutor(config=localhost_config(2), log_level=None)
+    yield fexec
+    fexec.clean()
+
+
+ENGINE_FIXTURES = {"ray": "ray_engine", "dask": "dask_client", "lithops": "lithops_executor"}
+
+
+def start_engine(request, name):
+    """Start (once per session) the engine that ``executor=name`` will find."""
+    return request.getfixturevalue(ENGINE_FIXTURES[name])
+
+
+def _engine_params(*names):
+    return [pytest.param(n, marks=getattr(pytest.mark, n.split("-")[0])) for n in names]

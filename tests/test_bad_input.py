@@ -10,13 +10,18 @@ from concurrent.futures import ProcessPoolExecutor
 import pytest
 
 from icechunk_distributed import (
+    ForeignSessionError,
     InvalidRegionError,
+    RegionWriteError,
     SessionStateError,
     TemplateMismatchError,
     UnpicklableSourceError,
+    allow_pickling,
+    merge_sessions,
     run_region_writes,
+    writable_session,
 )
-from tasks import full_dataset, load_region
+from tasks import full_dataset, load_region, wrong_shape_loader
 
 ENC = {"Tair": {"chunks": (2, 6, 8)}, "station": {"chunks": (2,)}}
 W = {"mode": "w", "encoding": ENC}
@@ -29,6 +34,15 @@ def t(*pairs):
 
 def n_objects(path) -> int:
     return sum(len(files) for _, _, files in os.walk(path))
+
+
+def n_chunk_objects(path) -> int:
+    return sum(len(files) for _, _, files in os.walk(os.path.join(path, "chunks")))
+
+
+# Found by the task itself (a loader's piece exists only there): by then the fork's
+# anonymous snapshot exists (metadata objects, unreferenced), but no chunk was written.
+IN_TASK = {"loader returns the wrong piece"}
 
 
 def unpicklable_loader():
@@ -163,7 +177,58 @@ CASES = {
         TypeError,
         r"source must be an xarray.Dataset or a callable",
     ),
+    "loader returns the wrong piece": (
+        lambda ds, repo: run_region_writes(
+            # Chunks of 768 bytes: objects of their own (smaller ones are inlined).
+            wrong_shape_loader,
+            repo,
+            template=ds,
+            mode="w",
+            encoding={"Tair": {"chunks": (4, 6, 8)}, "station": {"chunks": (4,)}},
+            executor="serial",
+            retries=0,
+        ),
+        RegionWriteError,
+        r"does not match the template: 'Tair' has shape \(1, 6, 8\), expected \(4, 6, 8\)",
+    ),
+    "unknown executor object": (
+        lambda ds, repo: run_region_writes(ds, repo, mode="w", executor=object()),
+        TypeError,
+        r"cannot use 'object' as an executor: pass one of",
+    ),
+    "run_id with illegal characters": (
+        lambda ds, repo: run_region_writes(ds, repo, mode="w", run_id="era5 / nov"),
+        ValueError,
+        r"run_id must be 1-100 letters, digits",
+    ),
+    "run_id with a session target": (
+        lambda ds, repo: run_region_writes(
+            ds, repo.writable_session("main"), mode="w", run_id="x"
+        ),
+        TypeError,
+        r"run_id= needs the Repository as target",
+    ),
+    "snapshot of another repository merged": (
+        lambda ds, repo: _merge_foreign(repo),
+        ForeignSessionError,
+        r"made from another session.*merge each snapshot into the session",
+    ),
 }
+
+
+def _merge_foreign(repo):
+    """Merge a snapshot written through another repository's session."""
+    import tempfile
+
+    import icechunk
+    import zarr
+
+    other = icechunk.Repository.create(icechunk.local_filesystem_storage(tempfile.mkdtemp()))
+    theirs = writable_session(other)
+    zarr.create_array(theirs.store, name="Tair", shape=(4,), chunks=(2,), dtype="f4")
+    with allow_pickling(theirs) as snapshot:
+        zarr.open_array(snapshot.store, path="Tair", mode="r+")[:] = 1.0
+        return merge_sessions(writable_session(repo), snapshot)
 
 
 def _joblib_mp(ds, repo):
@@ -183,7 +248,8 @@ def test_bad_input_is_refused_before_anything_is_written(tmp_path, case):
     repo = make_repo(path)
     ds = full_dataset()
     run_region_writes(ds, repo, encoding=ENC, progress=False)
-    before = (repo.lookup_branch("main"), n_objects(path))
+    count = n_chunk_objects if case in IN_TASK else n_objects
+    before = (repo.lookup_branch("main"), count(path))
     with pytest.raises(error, match=message):
         call(ds, repo)
-    assert (repo.lookup_branch("main"), n_objects(path)) == before
+    assert (repo.lookup_branch("main"), count(path)) == before

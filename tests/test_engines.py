@@ -4,7 +4,7 @@ LocalCluster (each started once per test session), by name and as objects."""
 import pytest
 import xarray as xr
 
-from conftest import make_repo, read_back
+from conftest import _engine_params, make_repo, read_back, start_engine
 from icechunk_distributed import (
     PayloadTooLargeError,
     RegionWriteError,
@@ -14,48 +14,6 @@ from tasks import DieOnce, FlakyLoader, ShiftedLoader, full_dataset
 from test_bad_input import n_objects
 
 ENC = {"Tair": {"chunks": (2, 6, 8)}, "station": {"chunks": (2,)}}
-
-
-@pytest.fixture(scope="session")
-def ray_engine():
-    ray = pytest.importorskip("ray")
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
-    yield ray
-    ray.shutdown()
-
-
-@pytest.fixture(scope="session")
-def dask_client():
-    distributed = pytest.importorskip("distributed")
-    cluster = distributed.LocalCluster(
-        n_workers=2, threads_per_worker=1, processes=True, dashboard_address=":0"
-    )
-    client = distributed.Client(cluster)
-    yield client
-    client.close()
-    cluster.close()
-
-
-@pytest.fixture(scope="session")
-def lithops_executor():
-    lithops = pytest.importorskip("lithops")
-    from icechunk_distributed.adapters.lithops import localhost_config
-
-    fexec = lithops.FunctionExecutor(config=localhost_config(2), log_level=None)
-    yield fexec
-    fexec.clean()
-
-
-ENGINE_FIXTURES = {"ray": "ray_engine", "dask": "dask_client", "lithops": "lithops_executor"}
-
-
-def start_engine(request, name):
-    """Start (once per session) the engine that ``executor=name`` will find."""
-    return request.getfixturevalue(ENGINE_FIXTURES[name])
-
-
-def _engine_params(*names):
-    return [pytest.param(n, marks=getattr(pytest.mark, n.split("-")[0])) for n in names]
 
 
 @pytest.fixture(params=_engine_params("ray", "ray-module", "dask", "dask-client",
