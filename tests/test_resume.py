@@ -288,3 +288,52 @@ def test_garbage_collect_spares_unfinished_runs_and_reclaims_removed_ones(repo):
     assert done.chunks_deleted == dry.chunks_deleted
     assert garbage_collect(repo, older_than=dt.timedelta(days=1), now=future).chunks_deleted == 0
     xr.testing.assert_identical(read_back(repo), full_dataset())
+
+
+@pytest.mark.parametrize("mode", ["a", "r+"])
+def test_resume_in_modes_that_write_into_existing_arrays(repo, mode):
+    # The first 12 steps exist; mode "a" appends 12 more, mode "r+" rewrites them (+1).
+    first = full_dataset(24).isel(time=slice(0, 12))
+    run_region_writes(first, repo, encoding=ENC, executor="serial")
+    if mode == "a":
+        source, expected = full_dataset(24).isel(time=slice(12, 24)), full_dataset(24)
+        kwargs = {"append_dim": "time"}
+    else:
+        source = first.copy(deep=True)
+        source["Tair"] = source["Tair"] + 1
+        expected, kwargs = source, {}
+    source = source.drop_vars("mask")  # written once already; not part of this write
+    def failing(region):
+        if region["time"].start in (0, 4):  # source coordinates
+            raise OSError("not yet")
+        return source.isel(region)
+
+    call = {"mode": mode, "task_size": 1, "run_id": "append" if mode == "a" else "update"}
+    call.update(kwargs)
+    with pytest.raises(RegionWriteError):
+        run_region_writes(failing, repo, template=source, executor="threads", **call)
+    (run,) = list_runs(repo)
+    assert run.n_done == 4
+    result = run_region_writes(source, repo, executor="threads", **call)
+    assert result.n_resumed == 4 and sorted(r.index for r in result.tasks) == [0, 2]
+    xr.testing.assert_identical(read_back(repo), expected)
+    assert branches(repo) == ["main"]
+
+
+def test_backups_through_run_region_writes(repo, tmp_path):
+    from fault_tasks import StragglerLoader
+    from icechunk_distributed import Backups
+
+    events = []
+    result = run_region_writes(
+        StragglerLoader(tmp_path, start=6, seconds=8),
+        repo,
+        **RUN,
+        executor="threads",
+        workers=4,
+        backups=Backups(factor=2, min_done=0.5, min_seconds=0.5, poll=0.05),
+        progress=events.append,
+    )
+    assert [e.index for e in events if e.kind == "backup"] == [3]
+    assert [r.attempts for r in result.tasks] == [1, 1, 1, 2, 1, 1]  # the backup won
+    xr.testing.assert_identical(read_back(repo), full_dataset())
