@@ -303,6 +303,7 @@ def test_resume_in_modes_that_write_into_existing_arrays(repo, mode):
         source["Tair"] = source["Tair"] + 1
         expected, kwargs = source, {}
     source = source.drop_vars("mask")  # written once already; not part of this write
+
     def failing(region):
         if region["time"].start in (0, 4):  # source coordinates
             raise OSError("not yet")
