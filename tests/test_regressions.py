@@ -153,3 +153,26 @@ def test_errors_with_extra_fields_survive_pickling():
         back = pickle.loads(pickle.dumps(error))
         assert type(back) is type(error) and str(back) == str(error)
         assert back.__dict__ == error.__dict__
+
+
+def test_a_snapshot_from_before_a_rebase_is_refused(repo):
+    # Found in review: checkpoints made lineages ignore snapshot ids, so a plain session's
+    # rebase no longer made earlier snapshots stale (the other commit's chunk was lost).
+    import icechunk
+    import pytest
+    import zarr
+
+    from icechunk_distributed import ForeignSessionError, allow_pickling, merge_sessions
+
+    setup = repo.writable_session("main")
+    zarr.create_array(setup.store, name="a", shape=(4,), chunks=(1,), dtype="i4")
+    setup.commit("array")
+    session = repo.writable_session("main")
+    with allow_pickling(session) as snapshot:
+        zarr.open_array(snapshot.store, path="a", mode="r+")[0] = 111
+        other = repo.writable_session("main")
+        zarr.open_array(other.store, path="a", mode="r+")[0] = 222
+        other.commit("the other writer")
+        session.rebase(icechunk.ConflictDetector())
+        with pytest.raises(ForeignSessionError, match="outdated base"):
+            merge_sessions(session, snapshot)

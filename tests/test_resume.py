@@ -113,21 +113,23 @@ def _commit_elsewhere(repo, branch="main"):
     return session.commit("someone else")
 
 
-def test_target_moved_before_resume_is_reported_and_nothing_is_overwritten(repo):
+def test_target_moved_before_resume_finishes_the_work_but_overwrites_nothing(repo):
     with pytest.raises(RegionWriteError):
         run_region_writes(FailRegions({0}), repo, **RUN, executor="threads", run_id="r4")
     other = _commit_elsewhere(repo)
     with pytest.raises(TargetMovedError, match=r"moved while run 'r4'.*remove_run") as info:
         run_region_writes(load_region, repo, **RUN, executor="threads", run_id="r4")
-    assert info.value.tip_snapshot_id == other and info.value.snapshot_id is None
-    assert tip(repo) == other
-    assert [r.run_id for r in list_runs(repo)] == ["r4"]
-    # The way forward offered: start over on top of the other commit.
+    err = info.value
+    assert err.tip_snapshot_id == other and tip(repo) == other
+    # The resumed call completed the work on the work branch, ready to publish deliberately.
+    assert err.snapshot_id == tip(repo, err.work_branch)
+    xr.testing.assert_identical(read_back(repo, err.work_branch), full_dataset())
+    assert [r.run_id for r in list_runs(repo)] == ["r4"] and list_runs(repo)[0].complete
+    # The second way forward offered: start over on top of the other commit.
     remove_run(repo, "r4")
     run_region_writes(load_region, repo, **{**RUN, "mode": "w"}, run_id="r4")
-    got = read_back(repo)
-    xr.testing.assert_identical(got.drop_attrs(), full_dataset().drop_attrs())
-    assert repo.readonly_session("main").store is not None
+    xr.testing.assert_identical(read_back(repo).drop_attrs(), full_dataset().drop_attrs())
+    assert other in [s.id for s in repo.ancestry(branch="main")]  # written on top of it
 
 
 def test_target_moved_during_the_run_keeps_the_complete_result(repo):
@@ -146,7 +148,7 @@ def test_target_moved_during_the_run_keeps_the_complete_result(repo):
     assert err.work_branch == work_branch("r5") and err.snapshot_id == tip(repo, err.work_branch)
     xr.testing.assert_identical(read_back(repo, err.work_branch), full_dataset())
     # The first way forward offered: publish over the other commit, deliberately.
-    repo.reset_branch("main", repo.lookup_branch(err.work_branch))
+    repo.reset_branch("main", err.snapshot_id)
     xr.testing.assert_identical(read_back(repo), full_dataset())
 
 
@@ -338,3 +340,53 @@ def test_backups_through_run_region_writes(repo, tmp_path):
     assert [e.index for e in events if e.kind == "backup"] == [3]
     assert [r.attempts for r in result.tasks] == [1, 1, 1, 2, 1, 1]  # the backup won
     xr.testing.assert_identical(read_back(repo), full_dataset())
+
+
+def test_a_published_run_is_not_written_again_after_later_commits(repo):
+    day1 = full_dataset(24).isel(time=slice(0, 12))
+    day2 = full_dataset(24).isel(time=slice(12, 24))
+    run_region_writes(day1, repo, encoding=ENC, executor="serial")
+    call = {"mode": "a", "append_dim": "time", "task_size": 1, "run_id": "day2"}
+    first = run_region_writes(day2, repo, executor="threads", **call)
+    later = _commit_elsewhere(repo)
+    again = run_region_writes(day2, repo, executor="threads", **call)  # a retried job
+    assert again.snapshot_id == first.snapshot_id and again.tasks == []
+    assert tip(repo) == later  # nothing new committed, nothing appended twice
+    assert read_back(repo).sizes["time"] == 24
+    with pytest.raises(RunMismatchError, match="this one is published"):
+        run_region_writes(day2, repo, executor="threads", **{**call, "task_size": 2})
+
+
+def test_stopped_between_publication_and_clean_up(repo, monkeypatch):
+    from icechunk_distributed import writer
+
+    def publish_then_die(self, snapshot_id):
+        self.repo.reset_branch(self.branch, snapshot_id, from_snapshot_id=self.base)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(writer._Resumable, "publish", publish_then_die)
+    with pytest.raises(KeyboardInterrupt):
+        run_region_writes(load_region, repo, **RUN, run_id="r8")
+    monkeypatch.undo()
+    published = tip(repo)
+    assert branches(repo) == ["icechunk-distributed/r8", "main"]
+    result = run_region_writes(load_region, repo, **RUN, run_id="r8")
+    assert result.snapshot_id == published == tip(repo) and result.tasks == []
+    assert branches(repo) == ["main"] and list_runs(repo) == []
+
+
+@pytest.mark.parametrize(
+    "bad", [{"mode": "x"}, {"retries": -1}, {"template": None}], ids=["mode", "retries", "template"]
+)
+def test_bad_arguments_with_run_id_leave_no_work_branch(repo, bad):
+    with pytest.raises((ValueError, TypeError)):
+        run_region_writes(load_region, repo, **{**RUN, **bad}, run_id="bad")
+    assert branches(repo) == ["main"]
+
+
+def test_a_changed_chunk_grid_is_named_in_the_mismatch(repo):
+    with pytest.raises(RegionWriteError):
+        run_region_writes(FailRegions({0}), repo, **RUN, run_id="grid")
+    enc4 = {"Tair": {"chunks": (4, 6, 8)}, "station": {"chunks": (4,)}}
+    with pytest.raises(RunMismatchError, match=r"differs in \['n_regions', 'units'\]"):
+        run_region_writes(load_region, repo, **{**RUN, "encoding": enc4}, run_id="grid")

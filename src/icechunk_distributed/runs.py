@@ -39,6 +39,9 @@ __all__ = [
 RUN_BRANCH_PREFIX = "icechunk-distributed/"
 """Work branches are named ``RUN_BRANCH_PREFIX + run_id``."""
 
+PUBLISHED_TAG_PREFIX = "icechunk-distributed/published/"
+"""A published run is tagged ``PUBLISHED_TAG_PREFIX + run_id`` (for good: a run_id is one write)."""
+
 _STATE_KEY = "icechunk_distributed_run"
 _RUN_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}")
 
@@ -155,15 +158,22 @@ def read_state(repo: Repository, run_id: str) -> tuple[RunState | None, str | No
     return state, tip.id
 
 
-def published_state(repo: Repository, branch: str, run_id: str) -> tuple[RunState, str] | None:
-    """The run's state if the target's tip is this run's published commit."""
-    tip = _tip(repo, branch)
-    if tip is None:
+def published_tag(run_id: str) -> str:
+    """The tag marking a published run (tags outlive later commits on the target)."""
+    return PUBLISHED_TAG_PREFIX + work_branch(run_id)[len(RUN_BRANCH_PREFIX) :]
+
+
+def published_state(repo: Repository, run_id: str) -> tuple[RunState, str] | None:
+    """The run's state and snapshot if it was published, else None."""
+    try:
+        snapshot_id = repo.lookup_tag(published_tag(run_id))
+    except icechunk.IcechunkError:
         return None
-    state = RunState.from_metadata(tip.metadata)
-    if state is None or state.run_id != run_id or not state.complete:
+    info = repo.lookup_snapshot(snapshot_id)
+    state = RunState.from_metadata(info.metadata)
+    if state is None or state.run_id != run_id:  # pragma: no cover - a foreign tag
         return None
-    return state, tip.id
+    return state, snapshot_id
 
 
 def now_iso() -> str:

@@ -41,6 +41,7 @@ import icechunk
 from icechunk import ForkSession, Session
 
 from icechunk_distributed.errors import (
+    CommitConflictError,
     ForeignSessionError,
     ForkStartMethodError,
     NotASnapshotError,
@@ -50,7 +51,7 @@ from icechunk_distributed.errors import (
 )
 
 if TYPE_CHECKING:
-    from collections.abc import Iterable, Iterator
+    from collections.abc import Collection, Iterable, Iterator
 
     from icechunk import IcechunkStore, Repository
     from icechunk.conflicts import ConflictSolver
@@ -199,13 +200,21 @@ class _Lineage:
     def describe(self) -> str:
         return f"branch {self.branch!r} at snapshot {self.base_snapshot_id}"
 
-    def same_base(self, other: _Lineage) -> bool:
-        """Same base session with no commit, discard or rebase in between.
+    def same_base(self, other: _Lineage, checkpoints: Collection[str] = ()) -> bool:
+        """Same base session, with no commit, discard or rebase in between.
 
-        Checkpoints (see :meth:`DistributedSession._checkpoint`) move the snapshot id but keep
-        the generation: forks made before one still merge, their chunks are all still theirs.
+        ``checkpoints``: the base's earlier snapshot ids that it left by a checkpoint (see
+        :meth:`DistributedSession._checkpoint`), which keeps forks made before it valid. Any
+        other change of snapshot id (a rebase of a plain session, say) makes them stale.
         """
-        return self.token == other.token and self.generation == other.generation
+        return (
+            self.token == other.token
+            and self.generation == other.generation
+            and (
+                self.base_snapshot_id == other.base_snapshot_id
+                or self.base_snapshot_id in checkpoints
+            )
+        )
 
 
 class _Ledger:
@@ -234,6 +243,7 @@ class _Coordinator:
         self.ledger = _Ledger()
         self.thread_forks: dict[int, _Fork] = {}
         self.tracks_lifecycle = False  # True when a DistributedSession sees every commit
+        self.checkpoints: set[str] = set()  # snapshot ids left by checkpoints, this generation
 
     def base(self) -> Session:
         session = self._session_ref()
@@ -273,7 +283,9 @@ class _Coordinator:
                 "allow_pickling(), or the session was committed or discarded its changes "
                 "since. " + _PICKLING_FIX
             )
-        if base.read_only or (lineage is not None and not lineage.same_base(self.lineage())):
+        if base.read_only or (
+            lineage is not None and not lineage.same_base(self.lineage(), self.checkpoints)
+        ):
             self.window_open = False
             raise PicklingNotAllowedError(
                 "Refusing to pickle a snapshot of a session that has committed, discarded its "
@@ -281,9 +293,10 @@ class _Coordinator:
                 "against an outdated base. Open a new allow_pickling() block. " + _PICKLING_FIX
             )
 
-    def rebind(self, session: Session) -> None:
-        """A checkpoint committed the base and a new session continues it: same generation."""
+    def rebind(self, session: Session, left: str) -> None:
+        """A checkpoint committed the base (at ``left``); ``session`` continues it."""
         with self._lock:
+            self.checkpoints.add(left)
             self._session_ref = weakref.ref(session)
             self._seed = None
             self.thread_forks = {}
@@ -299,6 +312,7 @@ class _Coordinator:
             self.current = None
             self.ledger = _Ledger()
             self.thread_forks = {}
+            self.checkpoints = set()
 
     def thread_fork(self) -> _Fork:
         ident = threading.get_ident()
@@ -604,9 +618,16 @@ class DistributedSession:
         self._absorb_threads()
         branch = self._session.branch
         assert branch is not None
+        left = self._session.snapshot_id
         snapshot_id = self._session.commit(message, metadata, allow_empty=True)
-        self._session = self._repository.writable_session(branch)
-        self._coordinator.rebind(self._session)
+        session = self._repository.writable_session(branch)
+        if session.snapshot_id != snapshot_id:
+            raise CommitConflictError(
+                f"branch {branch!r} moved past the checkpoint just committed: another process "
+                "commits to it (a second coordinator with the same run_id?)"
+            )
+        self._session = session
+        self._coordinator.rebind(session, left)
         return snapshot_id
 
     def discard_changes(self) -> None:
@@ -752,12 +773,19 @@ class _Target:
     lineage: _Lineage | None  # what snapshots must descend from; None: check node ids only
     ledger: _Ledger
     describe: str
+    checkpoints: frozenset[str] = frozenset()
 
 
 def _target_of(base: object) -> _Target:
     if isinstance(base, DistributedSession):
         coord = base._coordinator
-        return _Target(base._session, coord.lineage(), coord.ledger, "the session")
+        return _Target(
+            base._session,
+            coord.lineage(),
+            coord.ledger,
+            "the session",
+            frozenset(coord.checkpoints),
+        )
     if isinstance(base, SessionSnapshot):
         fork = base._live_fork()
         lineage = base._ensure_seed()[0]
@@ -770,7 +798,9 @@ def _target_of(base: object) -> _Target:
                 "merge_sessions() needs a writable base session; this one is read-only"
             )
         coord = _coordinator_for(base)
-        return _Target(base, coord.lineage(), coord.ledger, "the session")
+        return _Target(
+            base, coord.lineage(), coord.ledger, "the session", frozenset(coord.checkpoints)
+        )
     raise TypeError(
         "merge_sessions() merges into a DistributedSession, a writable icechunk Session, a "
         f"SessionSnapshot or a ForkSession, not {type(base).__name__}"
@@ -874,7 +904,7 @@ def _check_lineage(
                 "would merge it silently and its data could be lost: merge each snapshot into "
                 "the session whose allow_pickling() block produced it."
             )
-        if not lineage.same_base(target.lineage):
+        if not lineage.same_base(target.lineage, target.checkpoints):
             raise ForeignSessionError(
                 f"{name} was made before {target.describe} committed, discarded its changes "
                 f"or was rebased (then {lineage.describe()}, now "

@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import functools
+import math
 import os
 import socket
 import sys
@@ -1049,10 +1050,11 @@ class RegionWriter:
             "offsets": dict(plan.offsets),
             "variables": {n: [list(d), str(self.template[n].dtype)] for n, d in plan.dims.items()},
             "eager": sorted(str(n) for n in info.eager_vars),
+            "units": plan.units,
             "n_regions": len(plan.regions),
         }
         regions = [[[d, s.start, s.stop] for d, s in r.items()] for r in plan.regions]
-        digest = plan_digest({**summary, "units": plan.units, "regions": regions})
+        digest = plan_digest({**summary, "regions": regions})
         return summary, digest
 
     def commit(self, message: str | None = None, metadata: Mapping[str, Any] | None = None) -> str:
@@ -1230,12 +1232,14 @@ class _Resumable:
     def __init__(self, repo: Repository, run_id: str, branch: str) -> None:
         self.repo, self.run_id, self.branch = repo, run_id, branch
         self.work = runs.work_branch(run_id)
-        self.state, tip = runs.read_state(repo, run_id)
-        self.work_tip = tip if self.state is not None else None
-        self.published = None if self.state else runs.published_state(repo, branch, run_id)
         self.n_checkpoints = 0
         self.created = False
-        if self.state is None and self.published is None:
+        # Published already (a tag outlives later commits on the target): nothing to write.
+        self.published = runs.published_state(repo, run_id)
+        self.state, tip = (None, None) if self.published else runs.read_state(repo, run_id)
+        self.work_tip = tip if self.state is not None else None
+        known = self.published[0] if self.published else self.state
+        if known is None:
             if branch not in repo.list_branches():
                 mine = sorted(
                     b for b in repo.list_branches() if not b.startswith(runs.RUN_BRANCH_PREFIX)
@@ -1247,7 +1251,6 @@ class _Resumable:
                 repo.delete_branch(self.work)
             self.base = repo.lookup_branch(branch)
         else:
-            known = self.state or self.published[0]  # type: ignore[index]
             if known.branch != branch:
                 raise RunMismatchError(
                     f"run {run_id!r} writes to branch {known.branch!r}, not {branch!r}. Rerun "
@@ -1267,7 +1270,7 @@ class _Resumable:
 
     def check(self, writer: RegionWriter, parallelism: int) -> int:
         """Plan against the run's base; refuse a plan other than the stored one."""
-        known = self.state or (self.published[0] if self.published else None)
+        known = self.published[0] if self.published else self.state
         if known is not None:
             parallelism = int(known.plan.get("parallelism") or parallelism)
         writer._reference = self.repo.readonly_session(snapshot_id=self.base)
@@ -1280,8 +1283,13 @@ class _Resumable:
                 f"run {self.run_id!r} was started with another plan; it differs in "
                 f"{diff or ['the regions (task_size= or regions=)']}: stored "
                 f"{ {k: theirs.get(k) for k in diff} }, now { {k: summary.get(k) for k in diff} }. "
-                "Rerun with the original arguments, use another run_id, or drop its progress "
-                f"with icechunk_distributed.remove_run(repo, {self.run_id!r})."
+                "Rerun with the original arguments, or use another run_id"
+                + (
+                    " (this one is published)."
+                    if self.published
+                    else f", or drop its progress with icechunk_distributed.remove_run(repo, "
+                    f"{self.run_id!r})."
+                )
             )
         if known is None:
             self.state = runs.RunState(
@@ -1295,25 +1303,25 @@ class _Resumable:
             )
         return parallelism
 
-    def tip_moved(self, snapshot_id: str | None) -> TargetMovedError | None:
+    def _reaches(self, snapshot_id: str) -> bool:
+        """Whether ``snapshot_id`` is in the target's history since the run's base."""
+        for info in self.repo.ancestry(branch=self.branch):
+            if info.id == snapshot_id:
+                return True
+            if info.id == self.base:
+                return False
+        return False
+
+    def _moved(self, snapshot_id: str) -> TargetMovedError:
         tip = self.repo.lookup_branch(self.branch)
-        if tip == self.base:
-            return None
-        done = snapshot_id is not None
         return TargetMovedError(
             f"branch {self.branch!r} moved while run {self.run_id!r} was writing (the run "
             f"started at snapshot {self.base}, the branch is now at {tip}); it was not "
-            "overwritten. "
-            + (
-                f"The complete result is on branch {self.work!r} at snapshot {snapshot_id}. "
-                if done
-                else f"The progress so far is kept on branch {self.work!r}. "
-            )
-            + "Either publish it over the other commits, dropping them from the branch, with "
-            f"repo.reset_branch({self.branch!r}, repo.lookup_branch({self.work!r})) "
-            + ("" if done else "once the run is complete ")
-            + "or start over on top of them with "
-            f"icechunk_distributed.remove_run(repo, {self.run_id!r}) and the same call again.",
+            f"overwritten. The complete result is on branch {self.work!r} at snapshot "
+            f"{snapshot_id}. Either publish it over the other commits, dropping them from the "
+            f"branch, with repo.reset_branch({self.branch!r}, {snapshot_id!r}), or start over "
+            f"on top of them: icechunk_distributed.remove_run(repo, {self.run_id!r}), then the "
+            "same call again.",
             run_id=self.run_id,
             work_branch=self.work,
             snapshot_id=snapshot_id,
@@ -1334,13 +1342,18 @@ class _Resumable:
         self.n_checkpoints += 1
 
     def publish(self, snapshot_id: str) -> None:
+        """Move the target to ``snapshot_id`` if it is still at the base; then clean up.
+
+        Idempotent: if an earlier call moved it already (and died before cleaning up), only
+        the clean-up is left.
+        """
         try:
             self.repo.reset_branch(self.branch, snapshot_id, from_snapshot_id=self.base)
         except icechunk.ConflictError:
-            moved = self.tip_moved(snapshot_id)
-            if moved is None:  # pragma: no cover - it moved and came back
-                raise
-            raise moved from None
+            if not self._reaches(snapshot_id):
+                raise self._moved(snapshot_id) from None
+        with contextlib.suppress(icechunk.IcechunkError):  # exists already: published before
+            self.repo.create_tag(runs.published_tag(self.run_id), snapshot_id)
         if self.work in self.repo.list_branches():
             self.repo.delete_branch(self.work)
 
@@ -1348,21 +1361,28 @@ class _Resumable:
         """After a failure before the first checkpoint: the work branch holds nothing."""
         if self.created and self.n_checkpoints == 0:
             with contextlib.suppress(Exception):
-                self.repo.delete_branch(self.work)
+                if self.repo.lookup_branch(self.work) == self.base:  # still ours, still empty
+                    self.repo.delete_branch(self.work)
 
 
 class _Checkpointer:
     """Commits a run's progress at least every ``every`` seconds while regions are merged.
 
     A timer thread saves merged-but-unsaved regions even when no result arrives for a while
-    (the last, slow tasks): ``lock`` keeps merges, argument building and checkpoints apart.
+    (the last, slow tasks): ``lock`` keeps merges, argument building and checkpoints apart. A
+    failed save is retried at the next occasion; three in a row end the run.
     """
+
+    MAX_FAILURES = 3
 
     def __init__(self, run: _Resumable, writer: RegionWriter, every: float) -> None:
         self.run, self.writer, self.every = run, writer, every
         self.lock = threading.Lock()
         self.dirty = False
         self.last = time.monotonic()
+        assert run.state is not None
+        self.n_saved = len(run.state.done)  # regions in the last checkpoint
+        self.failures = 0
         self.error: BaseException | None = None
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, name="checkpoints", daemon=True)
@@ -1376,8 +1396,22 @@ class _Checkpointer:
         self._thread.join()
 
     def save(self) -> None:
+        assert self.run.state is not None
+        n = len(self.run.state.done)
         self.run.checkpoint(self.writer, f"icechunk-distributed run {self.run.run_id}: checkpoint")
-        self.dirty, self.last = False, time.monotonic()
+        self.dirty, self.last, self.n_saved = False, time.monotonic(), n
+
+    def _save_when_due(self) -> None:
+        if not self.dirty or time.monotonic() - self.last < self.every:
+            return
+        try:
+            self.save()
+            self.failures = 0
+        except Exception as exc:  # e.g. a throttled store: try again next time
+            self.failures += 1
+            self.last = time.monotonic()
+            if self.failures >= self.MAX_FAILURES:
+                self.error = exc
 
     def merged(self, index: int) -> None:
         """Called with ``lock`` held, after region ``index`` was merged."""
@@ -1386,18 +1420,12 @@ class _Checkpointer:
         assert self.run.state is not None
         self.run.state.done.add(index)
         self.dirty = True
-        if time.monotonic() - self.last >= self.every:
-            self.save()
+        self._save_when_due()
 
     def _loop(self) -> None:
-        while not self._stop.wait(min(self.every, 1.0)):
+        while not self._stop.wait(max(0.01, min(self.every, 1.0))):
             with self.lock:
-                if self.dirty and time.monotonic() - self.last >= self.every:
-                    try:
-                        self.save()
-                    except BaseException as exc:  # raised in the coordinator's thread
-                        self.error = exc
-                        return
+                self._save_when_due()
 
 
 def _write_resumable(
@@ -1413,25 +1441,24 @@ def _write_resumable(
     """Plan, check, write what the work branch lacks, checkpoint, publish; see run_id=."""
     run.check(writer, adapter.capabilities.parallelism)
     if run.published is not None:
-        _, snapshot_id = run.published
+        published, snapshot_id = run.published
         if run.work in run.repo.list_branches():
             run.repo.delete_branch(run.work)
-        return snapshot_id, [], len(writer.write_plan.regions)
+        return snapshot_id, [], published.n_regions
     state = run.state
     assert state is not None
     n_resumed = len(state.done)
     if state.complete and run.work_tip is not None:  # stopped between commit and publication
         run.publish(run.work_tip)
         return run.work_tip, [], n_resumed
-    moved = run.tip_moved(None)
-    if moved is not None:
-        raise moved
     if run.created:
         if adapter.capabilities.crosses_processes:
             writer.check_picklable(adapter.capabilities.max_arg_bytes)  # before any write
         writer.write_metadata()
         writer.write_eager()
         run.checkpoint(writer, f"icechunk-distributed run {run.run_id}: metadata")
+    # Even if the target moved meanwhile, finish the work on the work branch: publication
+    # (conditional) refuses then, and the complete result is there to publish deliberately.
     records: list[TaskRecord] = []
     if not state.complete:
         saver = _Checkpointer(run, writer, checkpoint_every)
@@ -1453,7 +1480,7 @@ def _write_resumable(
             if isinstance(exc, RegionWriteError) and exc.args:
                 exc.args = (
                     exc.args[0].replace("nothing was committed", "the target branch is unchanged")
-                    + f"\nThe {len(state.done)} region(s) written are kept on branch "
+                    + f"\nThe {saver.n_saved} region(s) written are kept on branch "
                     f"{run.work!r}: call again with run_id={run.run_id!r} to write only the "
                     "rest.",
                 )
@@ -1577,9 +1604,11 @@ def run_region_writes(
         With ``run_id``: the stored run was planned with other arguments.
     """
     t0 = time.perf_counter()
-    if checkpoint_every <= 0:
+    if not (isinstance(checkpoint_every, int | float) and 0 < checkpoint_every < math.inf):
         raise ValueError(f"checkpoint_every must be positive (seconds), got {checkpoint_every}")
     policy = Backups() if backups is True else backups or None
+    if policy is not None and not isinstance(policy, Backups):
+        raise TypeError(f"backups must be True, False or a Backups(...), not {backups!r}")
     run: _Resumable | None = None
     if run_id is not None:
         if not isinstance(target, icechunk.Repository):
@@ -1591,21 +1620,26 @@ def run_region_writes(
             raise ValueError("run_id= publishes at the end; it cannot go with commit=False")
         run = _Resumable(target, run_id, branch)
         run.start()
-    writer = RegionWriter(
-        source,
-        target,
-        template=template,
-        branch=branch if run is None else run.session_branch,
-        group=group,
-        mode=mode,
-        append_dim=append_dim,
-        region_dims=region_dims,
-        regions=regions,
-        task_size=task_size,
-        encoding=encoding,
-        retries=retries,
-        progress=progress,
-    )
+    try:
+        writer = RegionWriter(
+            source,
+            target,
+            template=template,
+            branch=branch if run is None else run.session_branch,
+            group=group,
+            mode=mode,
+            append_dim=append_dim,
+            region_dims=region_dims,
+            regions=regions,
+            task_size=task_size,
+            encoding=encoding,
+            retries=retries,
+            progress=progress,
+        )
+    except BaseException:
+        if run is not None:
+            run.abandon()  # bad arguments: leave no work branch behind
+        raise
     n_resumed = 0
     snapshot_id: str | None
     try:
