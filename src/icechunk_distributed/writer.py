@@ -1214,14 +1214,19 @@ def _progress_bar(progress: Progress, total: int) -> Callable[[ProgressEvent | N
     except ImportError:  # pragma: no cover - tqdm is a dependency
         return None
     bar = tqdm(total=total, desc="regions", unit="region")
+    n_backups = 0
 
     def update(event: ProgressEvent | None) -> None:
+        nonlocal n_backups
         if event is None:
             bar.close()
         elif event.kind == "done":
             bar.update(1)
         elif event.kind in ("retry", "failed"):
             bar.set_postfix(retries=event.attempt, failed=event.n_failed, refresh=False)
+        elif event.kind == "backup":
+            n_backups += 1
+            bar.set_postfix(backups=n_backups, refresh=False)
 
     return update
 
