@@ -390,3 +390,51 @@ def test_a_changed_chunk_grid_is_named_in_the_mismatch(repo):
     enc4 = {"Tair": {"chunks": (4, 6, 8)}, "station": {"chunks": (4,)}}
     with pytest.raises(RunMismatchError, match=r"differs in \['n_regions', 'units'\]"):
         run_region_writes(load_region, repo, **{**RUN, "encoding": enc4}, run_id="grid")
+
+
+def test_a_failed_tag_keeps_the_run_findable(repo, monkeypatch):
+    # Found in review: a failed create_tag was ignored and the work branch deleted, so a
+    # retry after a later commit appended the same data twice.
+    day1 = full_dataset(24).isel(time=slice(0, 12))
+    day2 = full_dataset(24).isel(time=slice(12, 24))
+    run_region_writes(day1, repo, encoding=ENC, executor="serial")
+
+    def throttled(self, *args, **kwargs):
+        raise icechunk.IcechunkError("503 SlowDown (injected)")
+
+    monkeypatch.setattr(icechunk.Repository, "create_tag", throttled)
+    call = {"mode": "a", "append_dim": "time", "run_id": "day2", "executor": "serial"}
+    with pytest.raises(icechunk.IcechunkError, match="SlowDown"):
+        run_region_writes(day2, repo, **call)
+    monkeypatch.undo()
+    published = tip(repo)  # the target did move: only the tag and the clean-up failed
+    later = _commit_elsewhere(repo)
+    again = run_region_writes(day2, repo, **call)
+    assert again.snapshot_id == published and again.tasks == []
+    assert tip(repo) == later and read_back(repo).sizes["time"] == 24
+    assert branches(repo) == ["main"]
+
+
+def test_a_checkpoint_survives_a_failed_reopen(repo, monkeypatch):
+    # Found in review: once a checkpoint was committed, one failure to open the next session
+    # left a read-only session behind, and the next merge failed with a misleading error.
+    real = icechunk.Repository.writable_session
+    started, failed = [], []
+
+    def flaky(self, branch, *args, **kwargs):
+        # Once tasks are done, the next session opened on the work branch is a reopen after
+        # a checkpoint: fail it once.
+        if started and not failed and branch.startswith("icechunk-distributed/"):
+            failed.append(branch)
+            raise icechunk.IcechunkError("connection reset (injected)")
+        return real(self, branch, *args, **kwargs)
+
+    def progress(event):
+        started.append(event)
+
+    monkeypatch.setattr(icechunk.Repository, "writable_session", flaky)
+    result = run_region_writes(
+        load_region, repo, **RUN, run_id="reopen", checkpoint_every=1e-6, progress=progress
+    )
+    assert failed and result.n_checkpoints == 7
+    xr.testing.assert_identical(read_back(repo), full_dataset())

@@ -163,12 +163,18 @@ def published_tag(run_id: str) -> str:
     return PUBLISHED_TAG_PREFIX + work_branch(run_id)[len(RUN_BRANCH_PREFIX) :]
 
 
-def published_state(repo: Repository, run_id: str) -> tuple[RunState, str] | None:
-    """The run's state and snapshot if it was published, else None."""
+def published_state(
+    repo: Repository, run_id: str, branch: str | None = None
+) -> tuple[RunState, str] | None:
+    """The run's state and snapshot if it was published (tagged, or the tip of ``branch``)."""
     try:
         snapshot_id = repo.lookup_tag(published_tag(run_id))
     except icechunk.IcechunkError:
-        return None
+        tip = _tip(repo, branch) if branch is not None else None
+        state = RunState.from_metadata(tip.metadata) if tip is not None else None
+        if tip is None or state is None or state.run_id != run_id or not state.complete:
+            return None
+        return state, tip.id
     info = repo.lookup_snapshot(snapshot_id)
     state = RunState.from_metadata(info.metadata)
     if state is None or state.run_id != run_id:  # pragma: no cover - a foreign tag
@@ -261,7 +267,9 @@ def remove_run(repo: Repository, run_id: str) -> bool:
     """Delete a run's work branch: its progress is dropped; the target branch is untouched.
 
     The chunks only that branch referenced become orphans; :func:`garbage_collect` reclaims
-    them. A later run with the same ``run_id`` starts from scratch.
+    them. A later run with the same ``run_id`` starts from scratch, unless that ``run_id`` was
+    published: then it returns the published snapshot (its tag stays; icechunk never reuses a
+    tag name), and a new write needs a new ``run_id``.
 
     Parameters
     ----------

@@ -31,6 +31,7 @@ import json
 import os
 import pickle
 import threading
+import time
 import uuid
 import weakref
 from concurrent.futures import ThreadPoolExecutor
@@ -620,7 +621,19 @@ class DistributedSession:
         assert branch is not None
         left = self._session.snapshot_id
         snapshot_id = self._session.commit(message, metadata, allow_empty=True)
-        session = self._repository.writable_session(branch)
+        # The commit is made: from here on this object must end up writable again, or say
+        # clearly that it cannot (a read-only session would refuse every later merge).
+        for attempt in range(3):
+            try:
+                session = self._repository.writable_session(branch)
+                break
+            except icechunk.IcechunkError as exc:
+                if attempt == 2:
+                    raise SessionStateError(
+                        f"checkpoint {snapshot_id} was committed to {branch!r}, but no new "
+                        f"session could be opened on it ({exc}); the progress is kept there"
+                    ) from exc
+                time.sleep(0.5 * (attempt + 1))
         if session.snapshot_id != snapshot_id:
             raise CommitConflictError(
                 f"branch {branch!r} moved past the checkpoint just committed: another process "

@@ -1240,7 +1240,7 @@ class _Resumable:
         self.n_checkpoints = 0
         self.created = False
         # Published already (a tag outlives later commits on the target): nothing to write.
-        self.published = runs.published_state(repo, run_id)
+        self.published = runs.published_state(repo, run_id, branch)
         self.state, tip = (None, None) if self.published else runs.read_state(repo, run_id)
         self.work_tip = tip if self.state is not None else None
         known = self.published[0] if self.published else self.state
@@ -1357,8 +1357,18 @@ class _Resumable:
         except icechunk.ConflictError:
             if not self._reaches(snapshot_id):
                 raise self._moved(snapshot_id) from None
-        with contextlib.suppress(icechunk.IcechunkError):  # exists already: published before
-            self.repo.create_tag(runs.published_tag(self.run_id), snapshot_id)
+        tag = runs.published_tag(self.run_id)
+        try:
+            self.repo.create_tag(tag, snapshot_id)
+        except icechunk.IcechunkError:
+            # Fine if an earlier call tagged it; otherwise keep the work branch, so that the
+            # next call finds the run and finishes here instead of writing it again.
+            try:
+                tagged = self.repo.lookup_tag(tag)
+            except icechunk.IcechunkError:
+                tagged = None
+            if tagged != snapshot_id:
+                raise
         if self.work in self.repo.list_branches():
             self.repo.delete_branch(self.work)
 
@@ -1412,6 +1422,8 @@ class _Checkpointer:
         try:
             self.save()
             self.failures = 0
+        except (CommitConflictError, SessionStateError) as exc:  # retrying will not help
+            self.error = exc
         except Exception as exc:  # e.g. a throttled store: try again next time
             self.failures += 1
             self.last = time.monotonic()
@@ -1609,7 +1621,11 @@ def run_region_writes(
         With ``run_id``: the stored run was planned with other arguments.
     """
     t0 = time.perf_counter()
-    if not (isinstance(checkpoint_every, int | float) and 0 < checkpoint_every < math.inf):
+    try:
+        every = float(checkpoint_every)  # numpy scalars too
+    except (TypeError, ValueError):
+        every = math.nan
+    if isinstance(checkpoint_every, bool) or not 0 < every < math.inf:
         raise ValueError(f"checkpoint_every must be positive (seconds), got {checkpoint_every}")
     policy = Backups() if backups is True else backups or None
     if policy is not None and not isinstance(policy, Backups):
@@ -1661,7 +1677,7 @@ def run_region_writes(
                 adapter,
                 message=message,
                 metadata=metadata,
-                checkpoint_every=checkpoint_every,
+                checkpoint_every=every,
                 backups=policy,
             )
         else:
