@@ -18,6 +18,7 @@ from typing import Any
 __all__ = [
     "Adapter",
     "Capabilities",
+    "ItemFeed",
     "Outcome",
     "get_adapter",
     "import_engine",
@@ -56,6 +57,31 @@ class Capabilities:
     per_call_overhead: float = 0.0
     max_arg_bytes: int | None = None
     supports_backups: bool = False
+
+
+class ItemFeed:
+    """Pulls ``(key, arg)`` items for :meth:`Adapter.map_unordered`, one at a time.
+
+    :meth:`pull` returns the next item, or ``None`` when there is nothing to submit now: the
+    items said so (``None``, see ``poll``), or they are used up (then :attr:`exhausted`).
+    Items are built by the loop only when pulled, so pull only when a slot is free.
+    """
+
+    __slots__ = ("_items", "exhausted")
+
+    def __init__(self, items: Iterable[tuple[Any, Any] | None]) -> None:
+        self._items = iter(items)
+        self.exhausted = False
+
+    def pull(self) -> tuple[Any, Any] | None:
+        """The next item, or ``None`` for "nothing now" (or never: :attr:`exhausted`)."""
+        if self.exhausted:
+            return None
+        try:
+            return next(self._items)
+        except StopIteration:
+            self.exhausted = True
+            return None
 
 
 class Adapter(abc.ABC):

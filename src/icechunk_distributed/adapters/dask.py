@@ -5,7 +5,13 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
-from icechunk_distributed.adapters import Adapter, Capabilities, Outcome, import_engine
+from icechunk_distributed.adapters import (
+    Adapter,
+    Capabilities,
+    ItemFeed,
+    Outcome,
+    import_engine,
+)
 
 __all__ = ["DaskAdapter"]
 
@@ -60,22 +66,13 @@ class DaskAdapter(Adapter):
         """Submit with bounded tasks in flight; yield as ``as_completed`` returns them."""
         distributed = import_engine("distributed", "dask")
         limit = 2 * self.capabilities.parallelism
-        source = iter(items)
+        feed = ItemFeed(items)
         keys: dict[Any, Any] = {}
         # The client's own loop: the client need not be the default one.
         queue = distributed.as_completed(loop=self.client.loop)
-        exhausted = False
 
         def top_up() -> None:
-            nonlocal exhausted
-            while not exhausted and len(keys) < limit:
-                try:
-                    item = next(source)
-                except StopIteration:
-                    exhausted = True
-                    return
-                if item is None:  # nothing to submit right now
-                    return
+            while len(keys) < limit and (item := feed.pull()) is not None:
                 key, arg = item
                 future = self.client.submit(fn, arg, pure=False)
                 keys[future] = key

@@ -8,7 +8,13 @@ import time
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
-from icechunk_distributed.adapters import Adapter, Capabilities, Outcome, import_engine
+from icechunk_distributed.adapters import (
+    Adapter,
+    Capabilities,
+    ItemFeed,
+    Outcome,
+    import_engine,
+)
 
 __all__ = ["LithopsAdapter", "localhost_config"]
 
@@ -150,16 +156,12 @@ class LithopsAdapter(Adapter):
         import cloudpickle
         from lithops.wait import ALWAYS, ANY_COMPLETED
 
-        source = iter(items)
+        feed = ItemFeed(items)
         keys: dict[int, Any] = {}  # id(future) -> key
         pending: list[Any] = []
 
         def submit() -> None:
-            batch = []
-            for item in source:
-                if item is None:  # nothing more for now
-                    break
-                batch.append(item)
+            batch = list(iter(feed.pull, None))  # everything available now
             if batch:
                 args = [cloudpickle.dumps((fn, a)) for _, a in batch]
                 futures = self.executor.map(_call, args, include_modules=[])

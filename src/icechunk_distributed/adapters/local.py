@@ -16,7 +16,7 @@ from concurrent.futures import (
 )
 from typing import Any
 
-from icechunk_distributed.adapters import Adapter, Capabilities, Outcome
+from icechunk_distributed.adapters import Adapter, Capabilities, ItemFeed, Outcome
 
 __all__ = ["FuturesAdapter", "SerialAdapter", "safe_mp_context"]
 
@@ -131,19 +131,11 @@ class FuturesAdapter(Adapter):
     ) -> Iterator[Outcome]:
         """Keep ``2 x parallelism`` tasks in flight; yield each as it completes."""
         limit = 2 * self._parallelism
-        source = iter(items)
+        feed = ItemFeed(items)
         pending: dict[Future[Any], tuple[Any, Executor]] = {}
-        exhausted = False
         try:
             while True:
-                while not exhausted and len(pending) < limit:
-                    try:
-                        item = next(source)
-                    except StopIteration:
-                        exhausted = True
-                        break
-                    if item is None:  # nothing to submit right now
-                        break
+                while len(pending) < limit and (item := feed.pull()) is not None:
                     key, arg = item
                     pool = self.executor
                     try:

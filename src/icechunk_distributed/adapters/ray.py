@@ -6,7 +6,13 @@ import os
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
-from icechunk_distributed.adapters import Adapter, Capabilities, Outcome, import_engine
+from icechunk_distributed.adapters import (
+    Adapter,
+    Capabilities,
+    ItemFeed,
+    Outcome,
+    import_engine,
+)
 
 __all__ = ["RayAdapter"]
 
@@ -54,19 +60,11 @@ class RayAdapter(Adapter):
         """Submit up to ``max_in_flight`` tasks; yield each result as ``ray.wait`` returns it."""
         ray = import_engine("ray", "ray")
         remote = ray.remote(fn).options(max_retries=0, retry_exceptions=False)
-        source = iter(items)
+        feed = ItemFeed(items)
         pending: dict[Any, Any] = {}
-        exhausted = False
         try:
             while True:
-                while not exhausted and len(pending) < self._max_in_flight:
-                    try:
-                        item = next(source)
-                    except StopIteration:
-                        exhausted = True
-                        break
-                    if item is None:  # nothing to submit right now
-                        break
+                while len(pending) < self._max_in_flight and (item := feed.pull()) is not None:
                     key, arg = item
                     pending[remote.remote(arg)] = key
                 if not pending:
