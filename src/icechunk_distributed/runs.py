@@ -119,9 +119,13 @@ class RunState:
         }
 
     @classmethod
-    def from_metadata(cls, metadata: Mapping[str, Any] | None) -> RunState | None:
+    def from_metadata(cls, metadata: Mapping[str, Any] | None, run_id: str) -> RunState | None:
+        """Run ``run_id``'s record in a commit's metadata (None: none, or another run's).
+
+        A work branch starts at the target's tip, which may hold another run's record.
+        """
         raw = (metadata or {}).get(_STATE_KEY)
-        if not isinstance(raw, Mapping):
+        if not isinstance(raw, Mapping) or raw.get("run_id") != run_id:
             return None
         return cls(
             run_id=str(raw["run_id"]),
@@ -151,11 +155,7 @@ def read_state(repo: Repository, run_id: str) -> tuple[RunState | None, str | No
     tip = _tip(repo, branch)
     if tip is None:  # pragma: no cover - a branch always has a tip
         return None, None
-    state = RunState.from_metadata(tip.metadata)
-    # The branch starts at the target's tip, which may hold another run's record.
-    if state is not None and state.run_id != run_id:
-        state = None
-    return state, tip.id
+    return RunState.from_metadata(tip.metadata, run_id), tip.id
 
 
 def published_tag(run_id: str) -> str:
@@ -171,13 +171,12 @@ def published_state(
         snapshot_id = repo.lookup_tag(published_tag(run_id))
     except icechunk.IcechunkError:
         tip = _tip(repo, branch) if branch is not None else None
-        state = RunState.from_metadata(tip.metadata) if tip is not None else None
-        if tip is None or state is None or state.run_id != run_id or not state.complete:
+        state = RunState.from_metadata(tip.metadata, run_id) if tip is not None else None
+        if tip is None or state is None or not state.complete:
             return None
         return state, tip.id
-    info = repo.lookup_snapshot(snapshot_id)
-    state = RunState.from_metadata(info.metadata)
-    if state is None or state.run_id != run_id:  # pragma: no cover - a foreign tag
+    state = RunState.from_metadata(repo.lookup_snapshot(snapshot_id).metadata, run_id)
+    if state is None:  # pragma: no cover - a foreign tag
         return None
     return state, snapshot_id
 
@@ -244,9 +243,7 @@ def list_runs(repo: Repository) -> list[RunInfo]:
         tip = _tip(repo, branch)
         if tip is None:  # pragma: no cover
             continue
-        state = RunState.from_metadata(tip.metadata)
-        if state is not None and state.run_id != run_id:
-            state = None
+        state = RunState.from_metadata(tip.metadata, run_id)
         out.append(
             RunInfo(
                 run_id=run_id,

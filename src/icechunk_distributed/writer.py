@@ -1243,7 +1243,9 @@ class _Resumable:
         self.published = runs.published_state(repo, run_id, branch)
         self.state, tip = (None, None) if self.published else runs.read_state(repo, run_id)
         self.work_tip = tip if self.state is not None else None
-        known = self.published[0] if self.published else self.state
+        # The record this call must match: the published run's, or the one on the work branch.
+        self.stored = self.published[0] if self.published else self.state
+        known = self.stored
         if known is None:
             if branch not in repo.list_branches():
                 mine = sorted(
@@ -1275,7 +1277,7 @@ class _Resumable:
 
     def check(self, writer: RegionWriter, parallelism: int) -> int:
         """Plan against the run's base; refuse a plan other than the stored one."""
-        known = self.published[0] if self.published else self.state
+        known = self.stored
         if known is not None:
             parallelism = int(known.plan.get("parallelism") or parallelism)
         writer._reference = self.repo.readonly_session(snapshot_id=self.base)
@@ -1339,12 +1341,16 @@ class _Resumable:
         try:
             writer.session._checkpoint(message, self.state.to_metadata())
         except icechunk.ConflictError as exc:
-            raise CommitConflictError(
-                f"another process committed to {self.work!r}, the private branch of run "
-                f"{self.run_id!r}: is a second coordinator running with the same run_id? "
-                "Only one may run at a time."
-            ) from exc
+            raise self.conflict() from exc
         self.n_checkpoints += 1
+
+    def conflict(self) -> CommitConflictError:
+        """Someone else committed to the work branch."""
+        return CommitConflictError(
+            f"another process committed to {self.work!r}, the private branch of run "
+            f"{self.run_id!r}: is a second coordinator running with the same run_id? Only one "
+            "may run at a time."
+        )
 
     def publish(self, snapshot_id: str) -> None:
         """Move the target to ``snapshot_id`` if it is still at the base; then clean up.
@@ -1508,10 +1514,7 @@ def _write_resumable(
     try:
         snapshot_id = writer.session.commit(message, meta, allow_empty=True)
     except icechunk.ConflictError as exc:
-        raise CommitConflictError(
-            f"another process committed to {run.work!r}, the private branch of run "
-            f"{run.run_id!r}: only one coordinator may run a run_id at a time"
-        ) from exc
+        raise run.conflict() from exc
     run.publish(snapshot_id)
     return snapshot_id, records, n_resumed
 
