@@ -791,14 +791,7 @@ class _Target:
 
 def _target_of(base: object) -> _Target:
     if isinstance(base, DistributedSession):
-        coord = base._coordinator
-        return _Target(
-            base._session,
-            coord.lineage(),
-            coord.ledger,
-            "the session",
-            frozenset(coord.checkpoints),
-        )
+        return _session_target(base._session, base._coordinator)
     if isinstance(base, SessionSnapshot):
         fork = base._live_fork()
         lineage = base._ensure_seed()[0]
@@ -810,14 +803,16 @@ def _target_of(base: object) -> _Target:
             raise SessionStateError(
                 "merge_sessions() needs a writable base session; this one is read-only"
             )
-        coord = _coordinator_for(base)
-        return _Target(
-            base, coord.lineage(), coord.ledger, "the session", frozenset(coord.checkpoints)
-        )
+        return _session_target(base, _coordinator_for(base))
     raise TypeError(
         "merge_sessions() merges into a DistributedSession, a writable icechunk Session, a "
         f"SessionSnapshot or a ForkSession, not {type(base).__name__}"
     )
+
+
+def _session_target(session: Session, coord: _Coordinator) -> _Target:
+    checkpoints = frozenset(coord.checkpoints)
+    return _Target(session, coord.lineage(), coord.ledger, "the session", checkpoints)
 
 
 def _flatten(items: Iterable[Any]) -> Iterator[Any]:

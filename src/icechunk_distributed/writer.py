@@ -579,6 +579,7 @@ class RegionWriter:
         # What planning checks the store against (a resumed run: the target as it was when
         # the run started, not its work branch, which already holds the metadata).
         self._reference: Session | None = None
+        self._checked_limit: tuple[int | None] | None = None  # check_picklable passed for it
 
     def _plan_store(self) -> Any:
         if self._reference is not None:
@@ -807,7 +808,19 @@ class RegionWriter:
         self._item_bytes = size
         return size
 
+    def _check_shippable(self, caps: Capabilities) -> None:
+        """:meth:`check_picklable` for an engine that crosses processes, once per limit."""
+        if caps.crosses_processes and self._checked_limit != (caps.max_arg_bytes,):
+            self.check_picklable(caps.max_arg_bytes)
+            self._checked_limit = (caps.max_arg_bytes,)
+
     # -- writing
+    def _write_coordinator_part(self, caps: Capabilities) -> None:
+        """Check tasks can be shipped (before any write); write metadata and eager variables."""
+        self._check_shippable(caps)
+        self.write_metadata()
+        self.write_eager()
+
     def _metadata_template(self) -> xr.Dataset:
         import dask.array as da
 
@@ -973,10 +986,8 @@ class RegionWriter:
         """
         guard = lock if lock is not None else contextlib.nullcontext()
         plan = self.write_plan
-        caps = adapter.capabilities
         self.executor_name = adapter.name
-        if caps.crosses_processes:
-            self.check_picklable(caps.max_arg_bytes)
+        self._check_shippable(adapter.capabilities)
         todo = list(range(len(plan.regions))) if indices is None else list(indices)
         self._encodings = self._store_encodings()
         records: list[TaskRecord | None] = [None] * len(todo)
@@ -1475,10 +1486,7 @@ def _write_resumable(
         run.publish(run.work_tip)
         return run.work_tip, [], n_resumed
     if run.created:
-        if adapter.capabilities.crosses_processes:
-            writer.check_picklable(adapter.capabilities.max_arg_bytes)  # before any write
-        writer.write_metadata()
-        writer.write_eager()
+        writer._write_coordinator_part(adapter.capabilities)
         run.checkpoint(writer, f"icechunk-distributed run {run.run_id}: metadata")
     # Even if the target moved meanwhile, finish the work on the work branch: publication
     # (conditional) refuses then, and the complete result is there to publish deliberately.
@@ -1685,10 +1693,7 @@ def run_region_writes(
             )
         else:
             writer.plan(parallelism=adapter.capabilities.parallelism)
-            if adapter.capabilities.crosses_processes:
-                writer.check_picklable(adapter.capabilities.max_arg_bytes)  # before any write
-            writer.write_metadata()
-            writer.write_eager()
+            writer._write_coordinator_part(adapter.capabilities)
             records = writer._write_regions(adapter, backups=policy)
             snapshot_id = writer.commit(message, metadata) if commit else None
     except BaseException:
