@@ -7,19 +7,7 @@ import time
 import numpy as np
 import xarray as xr
 
-from tasks import full_dataset, load_region
-
-
-def _count(directory: str, key: str) -> int:
-    """Record one more call for ``key`` in ``directory``; return its number (exact across
-    processes: one file per call, created exclusively)."""
-    n = 1
-    while True:
-        try:
-            os.close(os.open(os.path.join(directory, f"{key}.{n}"), os.O_CREAT | os.O_EXCL))
-            return n
-        except FileExistsError:
-            n += 1
+from tasks import count_call, full_dataset, load_region
 
 
 def calls(directory) -> dict[str, int]:
@@ -63,7 +51,7 @@ class SlowLoader:
 
     def __call__(self, region):
         if self.directory is not None and not _full(region, self.n):
-            _count(self.directory, key_of(region))
+            count_call(self.directory, key_of(region))
         if not _full(region, self.n):
             time.sleep(self.seconds)
         return full_dataset(self.n).isel(region)
@@ -94,7 +82,7 @@ class RandomFailures:
         start = region["time"].start
         if region["time"].stop - start == self.n:  # the coordinator's full-extent call
             return soak_dataset(self.n)
-        attempt = _count(self.directory, str(start))
+        attempt = count_call(self.directory, str(start))
         if fails(self.seed, start, attempt, self.rate):
             raise OSError(f"random transient failure: region {start}, attempt {attempt}")
         return soak_dataset(self.n).isel(region)
@@ -152,6 +140,6 @@ class StragglerLoader:
 
     def __call__(self, region):
         first = region["time"].start == self.start and not _full(region)
-        if first and _count(self.directory, "straggler") == 1:
+        if first and count_call(self.directory, "straggler") == 1:
             time.sleep(self.seconds)
         return load_region(region)

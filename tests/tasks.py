@@ -49,6 +49,20 @@ def full_dataset(n_time: int = 12, calendar: str | None = "noleap"):
     return ds
 
 
+def count_call(directory: str, key: str) -> int:
+    """Record one more call for ``key`` in ``directory``; return its number (exact across
+    processes: one file per call, created exclusively)."""
+    import os
+
+    n = 1
+    while True:
+        try:
+            os.close(os.open(os.path.join(directory, f"{key}.{n}"), os.O_CREAT | os.O_EXCL))
+            return n
+        except FileExistsError:
+            n += 1
+
+
 def load_region(region):
     """A loader: builds its own piece of the dataset inside the task."""
     return full_dataset().isel(region)
@@ -64,13 +78,9 @@ class FlakyLoader:
         self.always_fail = always_fail  # a region start along time that never succeeds
 
     def __call__(self, region):
-        import os
-
         start = region["time"].start
         key = f"{start}-{region['time'].stop}"
-        n = len([f for f in os.listdir(self.directory) if f.startswith(key + ".")]) + 1
-        with open(os.path.join(self.directory, f"{key}.{n}"), "w"):
-            pass
+        n = count_call(self.directory, key)
         if start == self.always_fail or n <= self.fail_times:
             raise OSError(f"transient failure #{n} for time={key}")
         return load_region(region)

@@ -1,11 +1,6 @@
 """Resumable runs: checkpoints on a work branch, resume, conditional publication, clean-up."""
 
 import datetime as dt
-import os
-import signal
-import subprocess
-import sys
-import time
 
 import icechunk
 import pytest
@@ -200,69 +195,8 @@ def test_run_id_needs_a_repository(repo):
         run_region_writes(load_region, repo.writable_session("main"), **RUN, run_id="x")
 
 
-COORDINATOR = """
-import sys
-import icechunk
-from fault_tasks import GatedLoader
-from icechunk_distributed import run_region_writes
-from tasks import full_dataset
-
-repo = icechunk.Repository.open(icechunk.local_filesystem_storage(sys.argv[1]))
-run_region_writes(
-    GatedLoader(seconds=float(sys.argv[3])), repo, template=full_dataset(24), mode="w-",
-    encoding={"Tair": {"chunks": (1, 6, 8)}, "station": {"chunks": (1,)}}, task_size=1,
-    executor=sys.argv[2], run_id="killed", checkpoint_every=0.05, workers=2,
-)
-"""
-
-
-def kill_coordinator_midway(path, executor: str, pause: float = 0.3, at_least: int = 4) -> int:
-    """Start a coordinator in its own process, SIGKILL it once some regions are checkpointed;
-    return how many were checkpointed."""
-    proc = subprocess.Popen([sys.executable, "-c", COORDINATOR, str(path), executor, str(pause)])
-    repo = icechunk.Repository.open(icechunk.local_filesystem_storage(str(path)))
-    deadline = time.monotonic() + 120
-    try:
-        while time.monotonic() < deadline and proc.poll() is None:
-            runs = list_runs(repo)
-            if runs and runs[0].n_done >= at_least:
-                break
-            time.sleep(0.05)
-        assert proc.poll() is None, "the coordinator ended before it could be killed"
-        os.kill(proc.pid, signal.SIGKILL)
-    finally:
-        proc.kill()
-        proc.wait()
-    repo = icechunk.Repository.open(icechunk.local_filesystem_storage(str(path)))
-    (run,) = list_runs(repo)
-    assert at_least <= run.n_done <= 12 and run.n_regions == 24
-    return run.n_done
-
-
-def load_24(region):
-    return full_dataset(24).isel(region)
-
-
-def test_coordinator_killed_then_resumed(tmp_path):
-    path = tmp_path / "repo"
-    repo = icechunk.Repository.create(icechunk.local_filesystem_storage(str(path)))
-    before = tip(repo)
-    n_done = kill_coordinator_midway(path, "threads")
-    repo = icechunk.Repository.open(icechunk.local_filesystem_storage(str(path)))
-    assert tip(repo) == before
-    result = run_region_writes(
-        load_24,
-        repo,
-        template=full_dataset(24),
-        mode="w-",
-        encoding={"Tair": {"chunks": (1, 6, 8)}, "station": {"chunks": (1,)}},
-        task_size=1,
-        executor="threads",
-        run_id="killed",
-    )
-    assert result.n_resumed == n_done and len(result.tasks) == 24 - n_done
-    xr.testing.assert_identical(read_back(repo), full_dataset(24))
-    assert branches(repo) == ["main"]
+# The coordinator killed with SIGKILL, then resumed: tests/faults/test_faults.py, for every
+# engine on local and S3 storage.
 
 
 def test_garbage_collect_spares_unfinished_runs_and_reclaims_removed_ones(repo):
