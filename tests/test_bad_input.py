@@ -99,27 +99,30 @@ CASES = {
         TemplateMismatchError,
         r"size along 'x' is 8 in the store and 4",
     ),
-    "r+ with another dtype": (
-        lambda ds, repo: run_region_writes(ds.assign(Tair=ds.Tair.astype("f8")), repo, mode="r+"),
+    # float64 into float32 is cast, as Dataset.to_zarr does; strings into numbers are not.
+    "r+ with strings into numbers": (
+        lambda ds, repo: run_region_writes(ds.assign(Tair=ds.Tair.astype("U3")), repo, mode="r+"),
         TemplateMismatchError,
-        r"the store holds float32, the template float64",
+        r"'Tair': the store holds float32, the dataset <U3",
     ),
     "r+ with other chunks": (
         lambda ds, repo: run_region_writes(
             ds, repo, mode="r+", encoding={"Tair": {"chunks": (3, 6, 8)}}
         ),
-        TemplateMismatchError,
-        r"encoding asks for chunks",
+        ValueError,
+        r"encoding= given for \['Tair'\], which already exist in the store",
     ),
     "w- over existing arrays": (
         lambda ds, repo: run_region_writes(ds, repo, mode="w-"),
         TemplateMismatchError,
         r"already holds.*mode='w' to overwrite",
     ),
-    "append without append_dim": (
-        lambda ds, repo: run_region_writes(ds, repo, mode="a"),
-        ValueError,
-        r"mode='a' needs append_dim",
+    "append along a dimension the store lacks": (
+        lambda ds, repo: run_region_writes(
+            ds.expand_dims(member=2), repo, mode="a", append_dim="member"
+        ),
+        TemplateMismatchError,
+        r"append_dim 'member' is not a dimension of the arrays",
     ),
     "unknown mode": (
         lambda ds, repo: run_region_writes(ds, repo, mode="x"),
@@ -170,7 +173,7 @@ CASES = {
     "unparseable task_size": (
         lambda ds, repo: run_region_writes(ds, repo, mode="w", task_size="lots"),
         ValueError,
-        r"cannot parse 'lots' as a size",
+        r"task_size 'lots' is not a byte size",
     ),
     "not a dataset": (
         lambda ds, repo: run_region_writes(ds["Tair"].values, repo, mode="w"),
@@ -208,12 +211,91 @@ CASES = {
         TypeError,
         r"run_id= needs the Repository as target",
     ),
+    "encoding for an unknown variable": (
+        lambda ds, repo: run_region_writes(ds, repo, mode="w", encoding={"Tiar": {}}),
+        ValueError,
+        r"'Tiar', which is not a variable.*did you mean 'Tair'",
+    ),
+    "encoding on append": (
+        lambda ds, repo: run_region_writes(
+            _later(ds), repo, mode="a", append_dim="time", encoding={"Tair": {"chunks": (4, 6, 8)}}
+        ),
+        ValueError,
+        r"\['Tair'\], which already exist in the store",
+    ),
+    "template sizes differ from the source": (
+        lambda ds, repo: run_region_writes(
+            ds, repo, mode="w", template=ds.isel(time=slice(0, 6))
+        ),
+        TemplateMismatchError,
+        r"time",
+    ),
+    "task_size as a float": (
+        lambda ds, repo: run_region_writes(ds, repo, mode="w", task_size=2.5),
+        TypeError,
+        r"task_size",
+    ),
+    "task_size of 0MB": (
+        lambda ds, repo: run_region_writes(ds, repo, mode="w", task_size="0MB"),
+        ValueError,
+        r"'0MB' is 0 bytes",
+    ),
+    "workers=0": (
+        lambda ds, repo: run_region_writes(ds, repo, mode="w", workers=0),
+        ValueError,
+        r"workers must be at least 1",
+    ),
+    "progress='yes'": (
+        lambda ds, repo: run_region_writes(ds, repo, mode="w", progress="yes"),
+        TypeError,
+        r"progress",
+    ),
+    "message not a string": (
+        lambda ds, repo: run_region_writes(ds, repo, mode="w", message=42),
+        TypeError,
+        r"message",
+    ),
+    "commit metadata not JSON": (
+        lambda ds, repo: run_region_writes(
+            ds, repo, mode="w", metadata={"when": __import__("datetime").datetime.now()}
+        ),
+        (TypeError, ValueError),
+        r"metadata\['when'\] is a datetime",
+    ),
+    "a branch that does not exist": (
+        lambda ds, repo: run_region_writes(ds, repo, mode="w", branch="dev"),
+        ValueError,
+        r"branch 'dev' does not exist.*\['main'\]",
+    ),
+    "region with a step": (
+        lambda ds, repo: run_region_writes(
+            ds[["Tair", "station"]], repo, mode="r+", region={"time": slice(None, None, 2)}
+        ),
+        InvalidRegionError,
+        r"region\['time'\].*step 2",
+    ),
+    "shifted labels in r+": (
+        lambda ds, repo: run_region_writes(_shifted(ds), repo, mode="r+"),
+        TemplateMismatchError,
+        r"'time' labels differ from the store's at position 0",
+    ),
     "snapshot of another repository merged": (
         lambda ds, repo: _merge_foreign(repo),
         ForeignSessionError,
         r"made from another session.*merge each snapshot into the session",
     ),
 }
+
+
+def _later(ds):
+    """The same dataset, 12 steps later (an append)."""
+    later = full_dataset(24).isel(time=slice(12, 24))
+    return later.assign(mask=ds["mask"])
+
+
+def _shifted(ds):
+    """The same data under labels shifted by one step."""
+    return ds.assign_coords(time=full_dataset(13)["time"].values[1:])
 
 
 def _merge_foreign(repo):

@@ -95,14 +95,18 @@ def test_run_from_another_thread_than_the_session_owner(repo):
     xr.testing.assert_identical(read_back(repo), ds)
 
 
-def test_variable_encoding_is_kept(repo):
+def test_variable_encoding_is_kept_unless_replaced(repo, other_repo):
+    """A variable's own encoding is used; an explicit encoding= replaces it (as in to_zarr)."""
     ds = full_dataset()
     ds["Tair"] = ds["Tair"].fillna(0)
     ds["Tair"].encoding = {"dtype": "int16", "scale_factor": 0.001, "_FillValue": -9999}
-    run_region_writes(ds, repo, encoding=ENC, progress=False)
+    run_region_writes(ds, repo, encoding={"station": {"chunks": (2,)}}, progress=False)
     raw = zarr.open_array(repo.readonly_session("main").store, path="Tair")
     assert raw.dtype == np.dtype("int16")
     np.testing.assert_allclose(read_back(repo)["Tair"].values, ds["Tair"].values, atol=1e-3)
+    run_region_writes(ds, other_repo, encoding=ENC, progress=False)
+    raw = zarr.open_array(other_repo.readonly_session("main").store, path="Tair")
+    assert raw.dtype == np.dtype("float32")
 
 
 def test_zero_length_dimension(repo):

@@ -216,7 +216,9 @@ def test_garbage_collect_spares_unfinished_runs_and_reclaims_removed_ones(repo):
     xr.testing.assert_identical(read_back(repo), full_dataset())
 
     with pytest.raises(RegionWriteError):
-        run_region_writes(FailRegions({0}), repo, **{**big, "mode": "r+"}, run_id="gone")
+        run_region_writes(
+            FailRegions({0}), repo, **{**big, "mode": "r+", "encoding": None}, run_id="gone"
+        )
     remove_run(repo, "gone")
     dry = garbage_collect(repo, older_than=dt.timedelta(days=1), now=future, dry_run=True)
     assert dry.dry_run and dry.chunks_deleted > 0

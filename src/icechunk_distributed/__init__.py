@@ -18,6 +18,7 @@ from icechunk_distributed.errors import (
     OverlappingWritesError,
     PayloadTooLargeError,
     PicklingNotAllowedError,
+    PieceMismatchError,
     RegionWriteError,
     RunMismatchError,
     SessionStateError,
@@ -25,7 +26,6 @@ from icechunk_distributed.errors import (
     TemplateMismatchError,
     UnpicklableSourceError,
 )
-from icechunk_distributed.planning import plan_regions
 from icechunk_distributed.runner import Backups, ProgressEvent
 from icechunk_distributed.runs import (
     CleanupReport,
@@ -46,6 +46,7 @@ from icechunk_distributed.writer import (
     TaskFailure,
     TaskRecord,
     WriteResult,
+    plan_regions,
     run_region_writes,
 )
 
@@ -64,6 +65,7 @@ __all__ = [
     "OverlappingWritesError",
     "PayloadTooLargeError",
     "PicklingNotAllowedError",
+    "PieceMismatchError",
     "ProgressEvent",
     "RegionWriteError",
     "RegionWriter",

@@ -17,15 +17,8 @@ from icechunk_distributed.errors import (
 )
 from icechunk_distributed.planning import Region, WritePlan, build_plan
 from icechunk_distributed.session import DistributedSession, SessionSnapshot, merge_sessions
-from icechunk_distributed.writer import (
-    Progress,
-    _check_inside,
-    _failed,
-    _fan_out,
-    _received,
-    _TaskOutput,
-    _worker_name,
-)
+from icechunk_distributed.task import TaskOutput, check_inside, failed, received, worker_name
+from icechunk_distributed.writer import Progress, fan_out
 
 __all__ = ["store_arrays"]
 
@@ -40,8 +33,8 @@ class _ArrayTask:
     units: dict[str, int]
 
 
-def _write_array(arg: _ArrayTask | bytes) -> _TaskOutput:
-    task = _received(arg)
+def _write_array(arg: _ArrayTask | bytes) -> TaskOutput:
+    task = received(arg)
     assert isinstance(task, _ArrayTask)
     t0 = time.perf_counter()
     try:
@@ -56,19 +49,19 @@ def _write_array(arg: _ArrayTask | bytes) -> _TaskOutput:
         data = np.asarray(data)
         array = zarr.open_array(task.snapshot.store, path=task.path, mode="r+")
         array[tuple(task.region[d] for d in task.dims)] = data
-        n = _check_inside(
+        n = check_inside(
             task.snapshot,
             prefix="/",
             dims={task.path: task.dims},
             units={task.path: task.units},
             region=task.region,
         )
-        return _TaskOutput(
+        return TaskOutput(
             0, True, snapshot=task.snapshot, seconds=time.perf_counter() - t0,
-            worker=_worker_name(), n_chunks=n, nbytes=int(data.nbytes),
+            worker=worker_name(), n_chunks=n, nbytes=int(data.nbytes),
         )  # fmt: skip
     except Exception as exc:
-        return _failed(0, exc, t0)
+        return failed(0, exc, t0)
 
 
 def store_arrays(
@@ -178,10 +171,10 @@ def store_arrays(
                 data = srcs[k][tuple(full[d] for d in dims)]
                 return _ArrayTask(snapshot._fresh(), path, dims, full, data, plan.units[path])
 
-            def on_success(i: int, out: _TaskOutput, attempts: int) -> None:
+            def on_success(i: int, out: TaskOutput, attempts: int) -> None:
                 merge_sessions(session, out.snapshot)
 
-            _fan_out(
+            fan_out(
                 adapter,
                 _write_array,
                 [region for _, region in work],

@@ -21,6 +21,7 @@ __all__ = [
     "OverlappingWritesError",
     "PayloadTooLargeError",
     "PicklingNotAllowedError",
+    "PieceMismatchError",
     "RegionWriteError",
     "RunMismatchError",
     "SessionStateError",
@@ -102,6 +103,13 @@ class TemplateMismatchError(DistributedWriteError, ValueError):
     """The arrays in the store do not match the template, or already exist (``mode="w-"``).
 
     Missing arrays, other dimensions, sizes, dtypes or chunks are all reported with the names.
+    """
+
+
+class PieceMismatchError(TemplateMismatchError):
+    """A loader returned a piece other than its region's (variables, shape, dtype, labels).
+
+    Raised in the task; the region is not retried, since another attempt cannot fix it.
     """
 
 

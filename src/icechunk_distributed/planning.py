@@ -20,13 +20,14 @@ import numpy as np
 from icechunk_distributed.errors import InvalidRegionError
 
 if TYPE_CHECKING:
-    import xarray as xr
+    pass
 
 __all__ = [
     "Region",
     "WritePlan",
+    "build_plan",
+    "format_region",
     "parse_bytes",
-    "plan_regions",
     "validate_regions",
 ]
 
@@ -128,9 +129,10 @@ class WritePlan:
     def absolute(self, region: Region) -> Region:
         """``region`` shifted into target-array coordinates (differs along ``append_dim``)."""
         out = {}
-        for dim, s in region.items():
+        # Dims placed by an offset (append, region=) are shifted even where tasks do not split.
+        for dim in {**dict.fromkeys(region), **dict.fromkeys(self.offsets)}:
             o = self.offsets.get(dim, 0)
-            start, stop = _bounds(s, self.sizes[dim])
+            start, stop = _bounds(region.get(dim), self.sizes[dim])
             out[dim] = slice(start + o, stop + o)
         return out
 
@@ -178,6 +180,7 @@ def build_plan(
     task_size: int | str | None = None,
     parallelism: int | None = None,
     require_cover: bool = True,
+    max_task_bytes: int | None = None,
 ) -> WritePlan:
     """Plan (or validate explicit) regions for variables with the given dims and write units."""
     offsets = dict(offsets or {})
@@ -205,8 +208,10 @@ def build_plan(
         itemsizes=dict(itemsizes),
     )
     if regions is None:
-        plan.regions.extend(_plan(plan, task_size, parallelism))
+        plan.regions.extend(_plan(plan, task_size, parallelism, max_task_bytes))
     else:
+        for i, region in enumerate(regions):
+            _check_raw_region(i, region, sizes)
         plan.regions.extend(
             {k: slice(*_bounds(v, sizes.get(k, 0))) for k, v in r.items()} for r in regions
         )
@@ -214,7 +219,44 @@ def build_plan(
     return plan
 
 
-def _plan(plan: WritePlan, task_size: int | str | None, parallelism: int | None) -> list[Region]:
+def _check_raw_region(i: int, region: Mapping[str, Any], sizes: Mapping[str, int]) -> None:
+    """An explicit region is ``{dim: slice}`` with integer bounds in range and step 1."""
+    if not isinstance(region, Mapping):
+        raise InvalidRegionError(
+            f"region #{i} must be a dict {{dim: slice}}, not {type(region).__name__}"
+        )
+    for dim, s in region.items():
+        if not isinstance(s, slice):
+            raise InvalidRegionError(
+                f"region #{i}: {dim!r} must be a slice(start, stop), not "
+                f"{type(s).__name__} ({s!r:.60})"
+            )
+        if s.step not in (None, 1):
+            raise InvalidRegionError(
+                f"region #{i}: slice for {dim!r} has step {s.step} ({s}); regions are "
+                "contiguous blocks: only step 1 is allowed"
+            )
+        for bound in (s.start, s.stop):
+            if bound is None:
+                continue
+            if isinstance(bound, bool) or not isinstance(bound, int | np.integer):
+                raise InvalidRegionError(
+                    f"region #{i}: {dim!r} = {s} has a bound of type {type(bound).__name__}; "
+                    "bounds must be integers (positions, not labels)"
+                )
+            if bound < 0:
+                raise InvalidRegionError(
+                    f"region #{i}: {dim!r} = {s} has a negative bound; give positions from "
+                    f"0 to {sizes.get(dim, '?')}"
+                )
+
+
+def _plan(
+    plan: WritePlan,
+    task_size: int | str | None,
+    parallelism: int | None,
+    max_task_bytes: int | None = None,
+) -> list[Region]:
     # Units along each region dim: intervals between edges allowed for every variable.
     edges: dict[str, np.ndarray] = {}
     for dim in plan.region_dims:
@@ -238,6 +280,9 @@ def _plan(plan: WritePlan, task_size: int | str | None, parallelism: int | None)
             # Keep every worker busy (4 tasks each) before making tasks bigger.
             workers = parallelism or os.cpu_count() or 1
             per_task = max(1, min(per_task, math.ceil(total_units / (4 * workers))))
+        if max_task_bytes:
+            # The engine ships each task's data within a size limit (Lithops' data_limit).
+            per_task = max(1, min(per_task, max_task_bytes // unit_bytes))
     # Block of units per task, filling the last region dim first (contiguous in C order).
     block: dict[str, int] = {}
     remaining = per_task
@@ -354,57 +399,14 @@ def _raise_overlap(plan: WritePlan, boxes: np.ndarray, exhaustive: bool = False)
         if hit.any():
             j = i + 1 + int(np.flatnonzero(hit)[0])
             raise InvalidRegionError(
-                f"regions #{i} ({_fmt(plan.regions[i])}) and #{j} ({_fmt(plan.regions[j])}) "
-                "overlap: both would write the same chunks. Make the regions disjoint."
+                f"regions #{i} ({format_region(plan.regions[i])}) and "
+                f"#{j} ({format_region(plan.regions[j])}) overlap: both would write the same "
+                "chunks. Make the regions disjoint."
             )
     if not exhaustive:  # pragma: no cover - counts said there was an overlap
         raise AssertionError("overlap not found")
 
 
-def _fmt(region: Mapping[str, slice]) -> str:
+def format_region(region: Mapping[str, slice]) -> str:
     """``time=0:6, y=0:3`` (``everything`` for the empty region)."""
     return ", ".join(f"{d}={s.start}:{s.stop}" for d, s in region.items()) or "everything"
-
-
-def plan_regions(
-    template: xr.Dataset,
-    *,
-    region_dims: Sequence[str] | None = None,
-    task_size: int | str | None = None,
-    encoding: Mapping[str, Mapping[str, Any]] | None = None,
-    parallelism: int | None = None,
-) -> list[Region]:
-    """Plan the regions a write would use, without writing anything (the dry run).
-
-    Parameters
-    ----------
-    template : xarray.Dataset
-        The dataset to write (lazy is fine).
-    region_dims : sequence of str, optional
-        Dimensions to split; by default those along which the data variables are chunked.
-    task_size : int or str, optional
-        Work per task: a number of chunks along the region dims, or bytes such as ``"128MB"``.
-        By default about 64 MiB, and small enough for 4 tasks per worker.
-    encoding : dict, optional
-        Per-variable encoding as in ``Dataset.to_zarr`` (``chunks``, ``shards``, ...).
-    parallelism : int, optional
-        Workers the default ``task_size`` should keep busy (CPU count by default).
-
-    Returns
-    -------
-    list of dict
-        One ``{dim: slice}`` per task.
-    """
-    from icechunk_distributed.writer import describe_template
-
-    info = describe_template(template, encoding=encoding, region_dims=region_dims)
-    plan = build_plan(
-        dims=info.dims,
-        units=info.units,
-        itemsizes=info.itemsizes,
-        sizes=info.sizes,
-        region_dims=region_dims,
-        task_size=task_size,
-        parallelism=parallelism,
-    )
-    return plan.regions

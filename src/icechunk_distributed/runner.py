@@ -113,6 +113,7 @@ def run_loop(
     retries: int,
     is_success: Callable[[Any], bool],
     describe_error: Callable[[Any], str],
+    is_retryable: Callable[[Any], bool] | None = None,
     on_success: Callable[[int, Any, int], None],
     on_failure: Callable[[int, Any, int], None],
     on_event: Callable[[ProgressEvent], None] | None = None,
@@ -135,6 +136,9 @@ def run_loop(
     With ``backups`` and an adapter that ``supports_backups``, straggling calls get one backup
     copy each (see :class:`Backups`); ``on_success`` still runs once per task, for the first
     copy that succeeds, and a task fails only when no copy of it is left running.
+
+    A failure for which ``is_retryable(result)`` is False is not retried (another attempt
+    cannot fix it).
     """
     policy = backups if backups is not None and adapter.capabilities.supports_backups else None
     attempts = [0] * n  # attempts launched, backups included: what make_arg is told
@@ -167,7 +171,7 @@ def run_loop(
         nonlocal n_failed
         error = describe_error(result)
         failures[i] += 1
-        if failures[i] <= retries:
+        if failures[i] <= retries and (is_retryable is None or is_retryable(result)):
             retry.append(i)
             emit("retry", i, error)
         else:

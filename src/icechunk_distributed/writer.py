@@ -13,12 +13,9 @@ import contextlib
 import dataclasses
 import functools
 import math
-import os
-import socket
 import sys
 import threading
 import time
-import traceback
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Literal
@@ -27,7 +24,7 @@ import icechunk
 import numpy as np
 import xarray as xr
 
-from icechunk_distributed import runs
+from icechunk_distributed import options, runs
 from icechunk_distributed._version import __version__
 from icechunk_distributed.adapters import Adapter, Capabilities, get_adapter
 from icechunk_distributed.errors import (
@@ -40,14 +37,33 @@ from icechunk_distributed.errors import (
     TemplateMismatchError,
     UnpicklableSourceError,
 )
-from icechunk_distributed.planning import Region, WritePlan, _fmt, build_plan
+from icechunk_distributed.planning import Region, WritePlan, build_plan
+from icechunk_distributed.planning import format_region as _fmt
 from icechunk_distributed.runner import Backups, ProgressEvent, run_batch, run_loop
 from icechunk_distributed.runs import plan_digest
-from icechunk_distributed.session import (
-    DistributedSession,
-    SessionSnapshot,
-    _Changes,
-    merge_sessions,
+from icechunk_distributed.session import DistributedSession, SessionSnapshot, merge_sessions
+from icechunk_distributed.task import (
+    Loader,
+    TaskInput,
+    TaskOutput,
+    run_task,
+    write_variables,
+)
+from icechunk_distributed.template import (
+    MODES,
+    Mode,
+    TemplateInfo,
+    check_labels,
+    decide_encodings,
+    describe_template,
+    group_exists,
+    is_time_like,
+    metadata_dataset,
+    read_store,
+    resolve_region,
+    stored_encodings,
+    task_encoding,
+    write_metadata,
 )
 
 if TYPE_CHECKING:
@@ -57,122 +73,16 @@ __all__ = [
     "RegionWriter",
     "TaskFailure",
     "TaskRecord",
-    "TemplateInfo",
     "WriteResult",
-    "describe_template",
+    "fan_out",
+    "plan_regions",
     "run_region_writes",
 ]
 
-Mode = Literal["w-", "w", "r+", "a"]
-Loader = Callable[[dict[str, slice]], xr.Dataset]
 Progress = bool | Callable[[ProgressEvent], None] | None
 
-
-# ---------------------------------------------------------------------------------------------
-# Describing the template
-
-
-@dataclass(frozen=True)
-class TemplateInfo:
-    """Which variables tasks write, along which dims, in which write units (chunks/shards)."""
-
-    region_dims: tuple[str, ...]
-    sizes: dict[str, int]
-    dims: dict[str, tuple[str, ...]]  # region variables only
-    units: dict[str, dict[str, int]]  # region variables only
-    itemsizes: dict[str, int]
-    all_units: dict[str, dict[str, int]]  # every data variable
-    eager_vars: tuple[str, ...]  # data variables lacking a region dim: the coordinator's
-
-
-def _normalise_chunks(chunks: Any, var: xr.Variable) -> dict[str, int] | None:
-    if chunks is None:
-        return None
-    if isinstance(chunks, int):
-        chunks = (chunks,) * var.ndim
-    if isinstance(chunks, Mapping):
-        chunks = tuple(chunks.get(d, var.sizes[d]) for d in var.dims)
-    chunks = tuple(chunks)
-    if len(chunks) != var.ndim:
-        return None
-    return {
-        str(d): max(1, int(var.sizes[d] if c in (None, -1) else c))
-        for d, c in zip(var.dims, chunks, strict=True)
-    }
-
-
-def _units_of(name: str, var: xr.Variable, encoding: Mapping[str, Any]) -> dict[str, int]:
-    enc = {**var.encoding, **encoding.get(name, {})}
-    for key in ("shards", "chunks"):
-        units = _normalise_chunks(enc.get(key), var)
-        if units:
-            return units
-    if var.chunks is not None:  # dask: the first chunk along each dim
-        return {str(d): max(1, int(c[0])) for d, c in zip(var.dims, var.chunks, strict=True)}
-    return {str(d): max(1, int(var.sizes[d])) for d in var.dims}
-
-
-def describe_template(
-    template: xr.Dataset,
-    *,
-    encoding: Mapping[str, Mapping[str, Any]] | None = None,
-    region_dims: Sequence[str] | None = None,
-    existing_units: Mapping[str, Mapping[str, int]] | None = None,
-) -> TemplateInfo:
-    """Work out write units and region variables of ``template``.
-
-    Parameters
-    ----------
-    template : xarray.Dataset
-        The dataset (lazy is fine).
-    encoding : dict, optional
-        Per-variable encoding (``chunks``, ``shards``) overriding the variables' own.
-    region_dims : sequence of str, optional
-        Dimensions to split; by default those along which any data variable has several chunks.
-    existing_units : dict, optional
-        Write units of arrays that already exist (they win over everything else).
-
-    Returns
-    -------
-    TemplateInfo
-        The description.
-    """
-    encoding = encoding or {}
-    sizes = {str(d): int(n) for d, n in template.sizes.items()}
-    all_units: dict[str, dict[str, int]] = {}
-    for name, var in template.data_vars.items():
-        name = str(name)
-        if existing_units and name in existing_units:
-            all_units[name] = dict(existing_units[name])
-        else:
-            all_units[name] = _units_of(name, var.variable, encoding)
-    if region_dims is None:
-        chosen: list[str] = []
-        for name, units in all_units.items():
-            for dim in template[name].dims:
-                if units[str(dim)] < sizes[str(dim)] and dim not in chosen:
-                    chosen.append(str(dim))
-        region_dims = tuple(chosen)
-    region_dims = tuple(region_dims)
-    dims: dict[str, tuple[str, ...]] = {}
-    eager: list[str] = []
-    for name in all_units:
-        var_dims = tuple(str(d) for d in template[name].dims)
-        # Tasks write variables that have every region dim; the coordinator writes the rest
-        # once (splitting along a dim a variable lacks would make several tasks write it).
-        if set(region_dims) <= set(var_dims):
-            dims[name] = var_dims
-        else:
-            eager.append(name)
-    return TemplateInfo(
-        region_dims=region_dims,
-        sizes=sizes,
-        dims=dims,
-        units={n: all_units[n] for n in dims},
-        itemsizes={n: template[n].dtype.itemsize for n in dims},
-        all_units=all_units,
-        eager_vars=tuple(eager),
-    )
+TASK_SHARE_OF_LIMIT = 0.5
+"""Of an engine's payload limit, the share one task's data may take when the plan sizes tasks."""
 
 
 # ---------------------------------------------------------------------------------------------
@@ -249,206 +159,19 @@ class WriteResult:
 
 
 # ---------------------------------------------------------------------------------------------
-# The task
-
-
-@dataclass
-class _TaskInput:
-    index: int
-    attempt: int
-    snapshot: SessionSnapshot
-    piece: xr.Dataset | None
-    loader: Loader | None
-    region: Region
-    abs_region: Region
-    group: str | None
-    expect: dict[str, tuple[tuple[str, ...], tuple[int, ...], np.dtype[Any]]]
-    units: dict[str, dict[str, int]]
-    encodings: dict[str, dict[str, Any]] = field(default_factory=dict)
-
-
-@dataclass
-class _TaskOutput:
-    index: int
-    ok: bool
-    snapshot: SessionSnapshot | None = None
-    error: str | None = None
-    exception: BaseException | None = None
-    traceback: str | None = None
-    seconds: float = 0.0
-    worker: str = ""
-    n_chunks: int = 0
-    nbytes: int = 0
-
-
-def _worker_name() -> str:
-    return f"{socket.gethostname()}:{os.getpid()}:{threading.current_thread().name}"
-
-
-def _check_piece(piece: Any, inp: _TaskInput) -> xr.Dataset:
-    region = _fmt(inp.region)
-    if not isinstance(piece, xr.Dataset):
-        raise TypeError(
-            f"the loader returned {type(piece).__name__} for region {{{region}}}; "
-            "it must return an xarray.Dataset"
-        )
-    problems = []
-    for name, (dims, shape, dtype) in inp.expect.items():
-        if name not in piece.data_vars:
-            problems.append(f"variable {name!r} is missing")
-            continue
-        var = piece[name]
-        if tuple(map(str, var.dims)) != dims:
-            problems.append(f"{name!r} has dims {var.dims}, expected {dims}")
-        elif var.shape != shape:
-            problems.append(f"{name!r} has shape {var.shape}, expected {shape}")
-        elif var.dtype != dtype:
-            problems.append(f"{name!r} has dtype {var.dtype}, expected {dtype}")
-    if problems:
-        raise ValueError(
-            f"the piece for region {{{region}}} does not match the template: " + "; ".join(problems)
-        )
-    selected: xr.Dataset = piece[list(inp.expect)]
-    return selected.drop_vars(list(selected.coords))
-
-
-def _check_inside(
-    snapshot: SessionSnapshot,
-    *,
-    prefix: str,
-    dims: Mapping[str, tuple[str, ...]],
-    units: Mapping[str, Mapping[str, int]],
-    region: Region,
-) -> int:
-    """Every chunk this task wrote lies inside ``region``, in one of ``dims``' arrays.
-
-    Array paths are ``prefix`` + name. The task is then done with its fork: freeze it with the
-    changes just computed, so the coordinator's merge (in this process, for thread pools)
-    need not ask icechunk again. Returns how many chunks the task wrote.
-    """
-    fork = snapshot._live_fork()
-    changes = _Changes.of(fork.session())
-    fork._changes, fork.live = changes, False
-    n = 0
-    for path, coords in changes.chunks.items():
-        name = path[len(prefix) :] if path.startswith(prefix) else path
-        if name not in dims:
-            raise RuntimeError(f"the task wrote to {path!r}, which is not one of its arrays")
-        for c in coords:
-            for dim, index in zip(dims[name], c, strict=True):
-                if dim not in region:
-                    continue
-                u, s = units[name][dim], region[dim]
-                if not s.start // u <= index < -(-s.stop // u):
-                    raise RuntimeError(
-                        f"the task wrote chunk {list(c)} of {path!r}, outside its region "
-                        f"({dim}={s.start}:{s.stop}, chunk size {u})"
-                    )
-        n += len(coords)
-    return n
-
-
-def _load(piece: xr.Dataset) -> xr.Dataset:
-    if any(v.chunks is not None for v in piece.variables.values()):
-        import dask
-
-        # Compute in this task, without a nested cluster or thread pool.
-        with dask.config.set(scheduler="synchronous"):
-            loaded: xr.Dataset = piece.load()
-            return loaded
-    return piece.load()
-
-
-_CF_KEYS = frozenset(
-    {"dtype", "scale_factor", "add_offset", "_FillValue", "missing_value", "units", "calendar"}
-)
-
-
-def _write_piece(piece: xr.Dataset, inp: _TaskInput) -> None:
-    """Encode each variable as ``to_zarr`` would, then assign it into the zarr array.
-
-    ``Dataset.to_zarr(region=...)`` costs ~10 ms per call in Python overhead (opening and
-    checking every array, reading existing encodings); the coordinator read the encodings
-    once, so a task only CF-encodes its data (units, calendars, fill values, scale factors,
-    dtypes: xarray's own encoder) and writes through arrays it opens once.
-    """
-    import zarr
-    from xarray.backends.zarr import encode_zarr_variable
-
-    prefix = f"{inp.group}/" if inp.group else ""
-    for name in inp.expect:
-        var = piece[name].variable.copy(deep=False)
-        var.encoding = dict(inp.encodings.get(name, {}))
-        encoded = encode_zarr_variable(var, name=name, zarr_format=3)
-        index = tuple(inp.abs_region.get(str(d), slice(None)) for d in var.dims)
-        array = zarr.open_array(inp.snapshot.store, path=prefix + name, mode="r+")
-        array[index] = np.asarray(encoded.values)
-
-
-def _execute(inp: _TaskInput) -> _TaskOutput:
-    t0 = time.perf_counter()
-    try:
-        piece = inp.loader(dict(inp.region)) if inp.loader is not None else inp.piece
-        piece = _load(_check_piece(piece, inp))
-        _write_piece(piece, inp)
-        n_chunks = _check_inside(
-            inp.snapshot,
-            prefix="/" + (f"{inp.group}/" if inp.group else ""),
-            dims={name: expected[0] for name, expected in inp.expect.items()},
-            units=inp.units,
-            region=inp.abs_region,
-        )
-        return _TaskOutput(
-            inp.index,
-            True,
-            snapshot=inp.snapshot,
-            seconds=time.perf_counter() - t0,
-            worker=_worker_name(),
-            n_chunks=n_chunks,
-            nbytes=int(piece.nbytes),
-        )
-    except Exception as exc:
-        return _failed(inp.index, exc, t0)
-
-
-def _failed(index: int, exc: Exception, t0: float) -> _TaskOutput:
-    """A task's failure, as it travels home (call it inside the ``except`` block)."""
-    try:  # the exception travels home if it pickles; its text always does
-        import cloudpickle
-
-        cloudpickle.dumps(exc)
-        shipped: BaseException | None = exc
-    except Exception:
-        shipped = None
-    return _TaskOutput(
-        index,
-        False,
-        error=f"{type(exc).__name__}: {exc}",
-        exception=shipped,
-        traceback=traceback.format_exc(),
-        seconds=time.perf_counter() - t0,
-        worker=_worker_name(),
-    )
-
-
-def _received(arg: Any) -> Any:
-    """A task's argument in the worker: ``bytes`` when it crossed a process boundary."""
-    if isinstance(arg, bytes):
-        import cloudpickle
-
-        return cloudpickle.loads(arg)
-    return arg
-
-
-def _run_task(arg: _TaskInput | bytes) -> _TaskOutput:
-    """Entry point in the worker."""
-    inp = _received(arg)
-    assert isinstance(inp, _TaskInput)
-    return _execute(inp)
-
-
-# ---------------------------------------------------------------------------------------------
 # The writer
+
+
+def _appendable(stored: np.dtype[Any], new: np.dtype[Any]) -> bool:
+    """Whether data of dtype ``new`` may be written into an array holding ``stored``.
+
+    xarray's rule: numbers, times, bools and objects are cast by the stored encoding;
+    fixed-width strings must match exactly (or go into an object array), or they would be
+    truncated.
+    """
+    if new.kind in "iufcmMbO" or (new.kind in "SU" and stored.kind == "O"):
+        return True
+    return bool(new == stored) or (new.kind in "OT" and stored.kind in "OT")
 
 
 def _open_session(target: Any, branch: str) -> tuple[DistributedSession, bool]:
@@ -472,25 +195,6 @@ def _open_session(target: Any, branch: str) -> tuple[DistributedSession, bool]:
     return session, False
 
 
-def _group_of(store: Any, group: str | None) -> Any:
-    import zarr
-
-    try:
-        return zarr.open_group(store, path=group or "", mode="r")
-    except (FileNotFoundError, zarr.errors.GroupNotFoundError, KeyError):
-        return None
-
-
-_ENCODING_KEYS = _CF_KEYS | {
-    "chunks",
-    "shards",
-    "compressors",
-    "filters",
-    "serializer",
-    "write_empty_chunks",
-}
-
-
 class RegionWriter:
     """The steps of :func:`run_region_writes`, for users who want to look in between.
 
@@ -499,8 +203,7 @@ class RegionWriter:
 
         writer = RegionWriter(ds, repo, mode="w-")
         writer.plan()                     # validated regions; nothing written yet
-        writer.write_metadata()           # array metadata and coordinates
-        writer.write_eager()              # variables without a region dimension
+        writer.write_metadata()           # metadata, coordinates, the coordinator's variables
         writer.write_regions(executor="processes")
         writer.commit("ingest")
 
@@ -518,6 +221,7 @@ class RegionWriter:
         group: str | None = None,
         mode: Mode = "w-",
         append_dim: str | None = None,
+        region: Mapping[str, slice] | Literal["auto"] | None = None,
         region_dims: Sequence[str] | None = None,
         regions: Sequence[Mapping[str, slice]] | None = None,
         task_size: int | str | None = None,
@@ -526,8 +230,9 @@ class RegionWriter:
         progress: Progress = None,
     ) -> None:
         if isinstance(source, xr.Dataset):
-            if template is None:
-                template = source
+            if template is not None:
+                options.check_template_matches(source, template)
+            template = source
             self.loader: Loader | None = None
             self.source: xr.Dataset | None = source
         elif callable(source):
@@ -544,37 +249,46 @@ class RegionWriter:
             )
         if not isinstance(template, xr.Dataset):
             raise TypeError(f"template must be an xarray.Dataset, not {type(template).__name__}")
-        if mode not in ("w-", "w", "r+", "a"):
-            raise ValueError(f"mode must be one of 'w-', 'w', 'r+', 'a'; got {mode!r}")
-        if mode == "a" and append_dim is None:
-            raise ValueError("mode='a' needs append_dim= (the dimension to grow)")
-        if append_dim is not None and mode != "a":
-            raise ValueError(f"append_dim= goes with mode='a', not mode={mode!r}")
+        if mode not in MODES:
+            raise ValueError(f"mode must be one of {', '.join(map(repr, MODES))}; got {mode!r}")
+        if append_dim is not None and mode not in ("a", "a-"):
+            raise ValueError(f"append_dim= goes with mode='a' or 'a-', not mode={mode!r}")
         if append_dim is not None and append_dim not in template.dims:
             raise ValueError(
                 f"append_dim {append_dim!r} is not a dimension of the template "
                 f"({list(template.dims)})"
             )
-        if retries < 0:
-            raise ValueError(f"retries must be >= 0, got {retries}")
+        if region is not None:
+            if mode not in ("r+", "a"):
+                raise ValueError(
+                    f"region= writes into existing arrays: use mode='r+' (or 'a'), not {mode!r}"
+                )
+            if append_dim is not None:
+                raise ValueError("region= and append_dim= cannot go together")
         self.template = template
         self.group = group.strip("/") or None if group else None
         self.mode: Mode = mode
         self.append_dim = append_dim
+        self.region = region
         self.region_dims = None if region_dims is None else tuple(region_dims)
         self.regions = None if regions is None else [dict(r) for r in regions]
-        self.task_size = task_size
-        self.encoding = {k: dict(v) for k, v in (encoding or {}).items()}
-        self.retries = retries
-        self.progress = progress
+        self.task_size = options.check_task_size(task_size)
+        self.retries = options.check_retries(retries)
+        self.progress = options.check_progress(progress)
+        self.encoding = options.check_encoding(encoding, [str(n) for n in template.variables])
         self.session, self.owns_session = _open_session(target, branch)
         self.branch = self.session.branch
         self._plan: WritePlan | None = None
         self._info: TemplateInfo | None = None
-        self._offsets: dict[str, int] = {}
+        self._placed: Region = {}  # where a region write goes in the stored arrays
+        self._existing: tuple[str, ...] = ()  # variables already in the store
+        self._stored_dims: dict[str, tuple[str, ...]] = {}
+        # Each new variable's encoding, settled once (decide_encodings): tasks apply it.
+        self._decided: dict[str, dict[str, Any]] = {}
         self.records: list[TaskRecord] = []
         self._item_bytes = 0
         self._encodings: dict[str, dict[str, Any]] = {}
+        self._labels: dict[str, np.ndarray] = {}
         self.executor_name = ""
         # What planning checks the store against (a resumed run: the target as it was when
         # the run started, not its work branch, which already holds the metadata).
@@ -587,82 +301,105 @@ class RegionWriter:
         return self.session.session.store
 
     # -- planning and checking, before anything is written
-    def _existing(self) -> dict[str, dict[str, int]]:
-        """Check the store against the mode; return the write units of existing arrays."""
-        store = self._plan_store()
-        group = _group_of(store, self.group)
+    def _check_store(self) -> tuple[dict[str, int], dict[str, dict[str, int]]]:
+        """Check the store against the mode; return the offsets and existing write units."""
         names = [str(n) for n in self.template.variables]
-        if self.mode == "w-":
-            if group is not None:
-                present = sorted(set(names) & {k for k, _ in group.arrays()})
-                if present:
-                    raise TemplateMismatchError(
-                        f"group {self.group or '/'!r} already holds {present}; mode='w-' only "
-                        "creates. Use mode='w' to overwrite, 'r+' to write into them, or 'a' "
-                        "to append."
-                    )
-            return {}
+        where = f"group {self.group or '/'!r}"
         if self.mode == "w":
-            return {}
-        if group is None:
+            return {}, {}
+        state = read_store(self._plan_store(), self.group)
+        present = [] if state is None else [n for n in names if n in state.units]
+        if self.mode == "w-":
+            if present:
+                raise TemplateMismatchError(
+                    f"{where} already holds {sorted(present)}; mode='w-' only creates. Use "
+                    "mode='w' to overwrite, 'r+' to write into them, or 'a' to append."
+                )
+            return {}, {}
+        if state is None:
+            if self.mode == "r+" or self.append_dim is not None:
+                raise TemplateMismatchError(
+                    f"mode={self.mode!r} writes into existing arrays, but {where} does not "
+                    "exist; use mode='w-' to create it"
+                )
+            return {}, {}
+        self._existing = tuple(present)
+        if self.mode == "r+":
+            missing = [n for n in names if n not in state.units]
+            if missing:
+                raise TemplateMismatchError(
+                    f"variable {missing[0]!r} is not in the store ({where}); mode='r+' only "
+                    "writes into existing arrays. Use mode='a' to add variables."
+                )
+        if self.encoding:
+            given = sorted(set(self.encoding) & set(present))
+            if given:
+                raise ValueError(
+                    f"encoding= given for {given}, which already exist in the store: their "
+                    "encoding is the stored one and cannot change (as in Dataset.to_zarr). "
+                    "Drop those entries, or rewrite them with mode='w'."
+                )
+        if self.append_dim is not None and self.append_dim not in state.sizes:
             raise TemplateMismatchError(
-                f"mode={self.mode!r} writes into existing arrays, but group "
-                f"{self.group or '/'!r} does not exist; use mode='w-' to create it"
+                f"append_dim {self.append_dim!r} is not a dimension of the arrays in {where} "
+                f"(dimensions: {sorted(state.sizes)})"
             )
-        try:
-            existing = xr.open_zarr(store, group=self.group, consolidated=False, chunks=None)
-        except (KeyError, ValueError) as exc:
-            raise TemplateMismatchError(
-                f"group {self.group or '/'!r} cannot be read as an xarray Dataset ({exc}); "
-                f"mode={self.mode!r} needs the arrays written by xarray (with dimension names)"
-            ) from exc
-        units: dict[str, dict[str, int]] = {}
-        arrays = dict(group.arrays())
-        for name, var in self.template.data_vars.items():
-            name = str(name)
-            if name not in existing.data_vars or name not in arrays:
+        offsets: dict[str, int] = {}
+        if self.region is not None:
+            self._placed = resolve_region(self.region, self.template, state)
+            offsets = {d: s.start for d, s in self._placed.items()}
+            loose = [
+                str(n)
+                for n, v in self.template.variables.items()
+                if n not in self.template.indexes and not set(self._placed) & set(map(str, v.dims))
+            ]
+            if loose:
                 raise TemplateMismatchError(
-                    f"variable {name!r} is not in the store (group {self.group or '/'!r}); "
-                    f"mode={self.mode!r} only writes into existing arrays"
+                    f"with region={_fmt(self._placed)}, every variable must have one of its "
+                    f"dimensions (as in Dataset.to_zarr); {loose} do not. Drop them: "
+                    f"ds.drop_vars({loose!r})"
                 )
-            old = existing[name]
-            if old.dims != var.dims:
+        elif self.append_dim is not None:
+            offsets = {self.append_dim: state.sizes[self.append_dim]}
+        for name in present:
+            var, dims = self.template[name], state.dims[name]
+            if set(map(str, var.dims)) != set(dims):
                 raise TemplateMismatchError(
-                    f"{name!r}: the store has dims {old.dims}, the template {var.dims}"
+                    f"{name!r}: the store has dims {dims}, the dataset {var.dims}"
                 )
-            for dim in var.dims:
-                if dim != self.append_dim and old.sizes[dim] != var.sizes[dim]:
+            self._stored_dims[name] = dims
+            stored_dtype = state.dataset[name].dtype
+            if not _appendable(stored_dtype, var.dtype):
+                raise TemplateMismatchError(
+                    f"{name!r}: the store holds {stored_dtype}, the dataset {var.dtype}; "
+                    "fixed-width strings and bytes must keep their exact dtype (as in "
+                    "Dataset.to_zarr). Cast the variable, or rewrite it with mode='w'."
+                )
+            for dim in dims:
+                if dim == self.append_dim or dim in self._placed:
+                    continue
+                if state.sizes[dim] != var.sizes[dim]:
                     raise TemplateMismatchError(
-                        f"{name!r}: size along {dim!r} is {old.sizes[dim]} in the store and "
-                        f"{var.sizes[dim]} in the template"
+                        f"{name!r}: size along {dim!r} is {state.sizes[dim]} in the store and "
+                        f"{var.sizes[dim]} in the dataset. Write part of the arrays with "
+                        "region={...} or region='auto' (mode='r+')."
                     )
-            if old.dtype != var.dtype:
-                raise TemplateMismatchError(
-                    f"{name!r}: the store holds {old.dtype}, the template {var.dtype}"
-                )
-            array = arrays[name]
-            grid = array.shards or array.chunks
-            units[name] = {str(d): int(c) for d, c in zip(var.dims, grid, strict=True)}
-            wanted = _normalise_chunks(
-                self.encoding.get(name, {}).get("shards")
-                or self.encoding.get(name, {}).get("chunks"),
-                var.variable,
-            )
-            if wanted and wanted != units[name]:
-                raise TemplateMismatchError(
-                    f"{name!r}: encoding asks for chunks {wanted}, the store has {units[name]}"
-                )
-        if self.append_dim is not None:
-            self._offsets = {self.append_dim: int(existing.sizes[self.append_dim])}
-        return units
+        check_labels(self.template, state, offsets, skip=[self.append_dim or ""])
+        units = {n: state.units[n] for n in present if n in self.template.data_vars}
+        return offsets, units
 
-    def plan(self, *, parallelism: int | None = None) -> list[Region]:
+    def plan(
+        self, *, parallelism: int | None = None, max_task_bytes: int | None = None
+    ) -> list[Region]:
         """Plan and validate the regions (in source coordinates); nothing is written.
 
         Parameters
         ----------
         parallelism : int, optional
             Workers the default task size should keep busy.
+        max_task_bytes : int, optional
+            Keep each task's data under this size where the plan chooses the task size (the
+            engine's limit on what one call ships; see :meth:`limits_for`).
 
         Returns
         -------
@@ -670,41 +407,64 @@ class RegionWriter:
             The regions.
         """
         if self._plan is None:
-            existing_units = self._existing()
+            offsets, existing_units = self._check_store()
+            self._decided = decide_encodings(self.template, self.encoding, existing=self._existing)
             region_dims = self.region_dims
             if region_dims is None and self.regions is not None:
                 order = [str(d) for d in self.template.dims]
                 keys = {d for r in self.regions for d in r}
                 region_dims = tuple([d for d in order if d in keys] + sorted(keys - set(order)))
-            if self.append_dim is not None:
-                # Appending always splits along the append dim: tasks must write into the
-                # grown part of the arrays, never over what is there.
-                if region_dims is None:
-                    region_dims = describe_template(
-                        self.template, encoding=self.encoding, existing_units=existing_units
-                    ).region_dims
-                if self.append_dim not in region_dims:
-                    region_dims = (*region_dims, self.append_dim)
+            if region_dims is not None and self.append_dim and self.append_dim not in region_dims:
+                # Appending always splits along the append dim: tasks write into the grown
+                # part of the arrays, never over what is there.
+                region_dims = (*region_dims, self.append_dim)
             info = describe_template(
                 self.template,
-                encoding=self.encoding,
+                encodings=self._decided,
+                coordinator=[
+                    str(n)
+                    for n, v in self.template.data_vars.items()
+                    if str(n) in self._decided and v.chunks is None and is_time_like(v.variable)
+                ],
                 region_dims=region_dims,
                 existing_units=existing_units,
+                keep=(self.append_dim,) if self.append_dim else (),
             )
             self._plan = build_plan(
                 dims=info.dims,
                 units=info.units,
                 itemsizes=info.itemsizes,
                 sizes=info.sizes,
-                offsets=self._offsets,
+                offsets=offsets,
                 region_dims=info.region_dims,
                 regions=self.regions,
                 task_size=self.task_size,
                 parallelism=parallelism,
                 require_cover=self.mode != "r+",
+                max_task_bytes=max_task_bytes,
             )
             self._info = info
+            if self.loader is not None:
+                self._labels = {
+                    d: np.asarray(self.template.indexes[d])
+                    for d in info.region_dims
+                    if d in self.template.indexes
+                }
         return self._plan.regions
+
+    def limits_for(self, caps: Capabilities) -> dict[str, int | None]:
+        """The planning limits an engine sets, as keyword arguments of :meth:`plan`.
+
+        Its parallelism; and for a Dataset source shipped to an engine with a payload limit
+        (Lithops' ``data_limit``), a share of that limit per task, so that tasks ship within
+        it (a loader ships only its region).
+        """
+        limit = caps.max_arg_bytes
+        ship = self.source is not None and caps.crosses_processes and limit
+        return {
+            "parallelism": caps.parallelism,
+            "max_task_bytes": int(limit * TASK_SHARE_OF_LIMIT) if ship and limit else None,
+        }
 
     def _described(self) -> TemplateInfo:
         self.plan()
@@ -718,9 +478,8 @@ class RegionWriter:
         assert self._plan is not None
         return self._plan
 
-    def _task_input(self, index: int, snapshot: SessionSnapshot) -> _TaskInput:
-        plan, info = self.write_plan, self._info
-        assert info is not None
+    def _task_input(self, index: int, snapshot: SessionSnapshot) -> TaskInput:
+        plan = self.write_plan
         region = plan.regions[index]
         expect = {}
         for name, dims in plan.dims.items():
@@ -732,7 +491,7 @@ class RegionWriter:
         if self.source is not None:
             piece = self.source[list(plan.dims)].isel(region)
             piece = piece.drop_vars(list(piece.coords))
-        return _TaskInput(
+        return TaskInput(
             index=index,
             attempt=0,
             snapshot=snapshot,
@@ -744,20 +503,9 @@ class RegionWriter:
             expect=expect,
             units=plan.units,
             encodings=self._encodings,
+            labels={d: v[region[d]] for d, v in self._labels.items() if d in region},
+            stored_dims=self._stored_dims,
         )
-
-    def _store_encodings(self) -> dict[str, dict[str, Any]]:
-        """The CF encoding of each task-written variable, as stored (read once, here)."""
-        names = list(self.write_plan.dims)
-        if not names:
-            return {}
-        stored = xr.open_zarr(
-            self.session.session.store, group=self.group, consolidated=False, chunks=None
-        )
-        return {
-            name: {k: v for k, v in stored[name].encoding.items() if k in _CF_KEYS}
-            for name in names
-        }
 
     def check_picklable(self, max_arg_bytes: int | None = None) -> int:
         """Raise if tasks cannot be shipped to processes; return one task's payload bytes.
@@ -819,27 +567,6 @@ class RegionWriter:
         """Check tasks can be shipped (before any write); write metadata and eager variables."""
         self._check_shippable(caps)
         self.write_metadata()
-        self.write_eager()
-
-    def _metadata_template(self) -> xr.Dataset:
-        import dask.array as da
-
-        info = self._described()
-        meta = self.template.copy()
-        for name, units in info.all_units.items():
-            var = meta[name].variable
-            chunks = tuple(units[str(d)] for d in var.dims)
-            meta[name] = var.copy(
-                deep=False, data=da.empty(var.shape, chunks=chunks, dtype=var.dtype)
-            )
-        lazy = {k: v for k, v in meta.coords.items() if v.chunks is not None}
-        if not lazy:
-            return meta
-        import dask
-
-        # In this process, not on whatever dask client happens to be the default.
-        with dask.config.set(scheduler="synchronous"):
-            return meta.assign_coords({k: v.compute() for k, v in lazy.items()})
 
     def _base_store(self) -> Any:
         # The base session's own store, whichever thread calls: forks made afterwards (the
@@ -847,99 +574,83 @@ class RegionWriter:
         self.session._coordinator.invalidate_seed()
         return self.session.session.store
 
-    def write_metadata(self) -> None:
-        """Write array metadata and coordinates (mode ``a``: grow the arrays first)."""
-        info = self._described()
-        if self.mode == "r+":
-            return
-        meta = self._metadata_template()
-        store = self._base_store()
-        if self.mode == "a":
-            meta.to_zarr(
-                store,
-                group=self.group,
-                mode="a",
-                append_dim=self.append_dim,
-                compute=False,
-                consolidated=False,
-                safe_chunks=False,  # the lazy arrays are never written: no chunk is shared
-            )
-            return
-        encoding: dict[str, dict[str, Any]] = {k: dict(v) for k, v in self.encoding.items()}
-        for name, units in info.all_units.items():
-            var = meta[name]
-            # xarray replaces a variable's own encoding with the one passed here: keep it.
-            own = {k: v for k, v in var.encoding.items() if k in _ENCODING_KEYS}
-            enc = encoding[name] = {**own, **encoding.get(name, {})}
-            grid = tuple(units[str(d)] for d in var.dims)
-            if enc.get("shards") is not None:
-                enc["shards"] = grid
-            else:
-                enc["chunks"] = grid
-        mode: Mode = self.mode
-        if mode == "w-" and _group_of(self.session.session.store, self.group) is not None:
-            mode = "a"  # the group exists without these arrays: add them
-        meta.to_zarr(
-            store,
-            group=self.group,
-            mode=mode,
-            compute=False,
-            consolidated=False,
-            encoding=encoding,
-        )
+    def _eager_data(self) -> xr.Dataset | None:
+        """The coordinator's variables: from the source, or from ``load(full extent)``.
 
-    def write_eager(self) -> None:
-        """Write the data variables that lack a region dimension (once, here).
-
-        With a loader source they come from ``load(full extent)``, restricted to those
-        variables, never from the template (whose data may be placeholders).
+        Never from a loader's template, whose data may be placeholders.
         """
         info = self._described()
-        if not info.eager_vars:
-            return
+        if not info.eager_vars or self.loader is None:
+            return self.source
         names = list(info.eager_vars)
-        if self.loader is not None:
-            full = {d: slice(0, info.sizes[d]) for d in info.region_dims}
-            for attempt in range(self.retries + 1):  # the same retries as the tasks get
-                try:
-                    data = self.loader(full)
-                    break
-                except Exception:
-                    if attempt == self.retries:
-                        raise
-            missing = [n for n in names if not isinstance(data, xr.Dataset) or n not in data]
-            if missing:
-                raise TemplateMismatchError(
-                    f"the loader, called with the full extent {full}, returned no {missing}; "
-                    "variables without a region dimension are read from it once"
-                )
-            for name in names:
-                if data[name].shape != self.template[name].shape:
-                    raise TemplateMismatchError(
-                        f"the loader returned {name!r} with shape {data[name].shape}, the "
-                        f"template has {self.template[name].shape}"
-                    )
-            data = data[names]
-        else:
-            assert self.source is not None
-            data = self.source[names]
-        data = _load(data.drop_vars(list(data.coords)))
-        for var in data.variables.values():
-            var.encoding = {}
-        store = self._base_store()
-        grown = [n for n in names if self.append_dim in data[n].dims]
-        if grown:  # mode "a": these were grown; write into the new part only
-            o, n = self._offsets[str(self.append_dim)], info.sizes[str(self.append_dim)]
-            data[grown].to_zarr(
-                store,
-                group=self.group,
-                mode="r+",
-                region={str(self.append_dim): slice(o, o + n)},
-                consolidated=False,
+        full = {d: slice(0, info.sizes[d]) for d in info.region_dims}
+        for attempt in range(self.retries + 1):  # the same retries as the tasks get
+            try:
+                data = self.loader(full)
+                break
+            except Exception:
+                if attempt == self.retries:
+                    raise
+        missing = [n for n in names if not isinstance(data, xr.Dataset) or n not in data]
+        if missing:
+            raise TemplateMismatchError(
+                f"the loader, called with the full extent {full}, returned no {missing}; "
+                "variables the tasks do not write are read from it once"
             )
-        rest = [n for n in names if n not in grown]
-        if rest:
-            data[rest].to_zarr(store, group=self.group, mode="r+", consolidated=False)
+        for name in names:
+            if data[name].shape != self.template[name].shape:
+                raise TemplateMismatchError(
+                    f"the loader returned {name!r} with shape {data[name].shape}, the "
+                    f"template has {self.template[name].shape}"
+                )
+        return data
+
+    def write_metadata(self) -> None:
+        """Write metadata, coordinates and the variables the tasks do not write.
+
+        One ``Dataset.to_zarr(compute=False)`` call on a stand-in of the template: xarray
+        creates or grows the arrays with the encodings it would choose for the real data,
+        checks the mode and the region, and writes everything in memory; the task variables
+        are lazy stand-ins and are not written here.
+        """
+        info = self._described()
+        eager = self._eager_data()
+        meta, encoding, lazy = metadata_dataset(
+            self.template, info, self._decided, self.encoding, eager=eager
+        )
+        store = self._base_store()
+        mode: Mode = self.mode
+        if mode == "w-" and group_exists(store, self.group):
+            mode = "a"  # the group exists without these arrays (checked): add them
+        write_metadata(
+            store,
+            meta,
+            encoding,
+            group=self.group,
+            mode=mode,
+            append_dim=self.append_dim,
+            region=self._placed or None,
+        )
+        if lazy:
+            self._write_lazy(xr.Dataset({n: meta.variables[n] for n in lazy}), store)
+
+    def _write_lazy(self, data: xr.Dataset, store: Any) -> None:
+        """Write the coordinator's lazy variables as tasks write theirs (to_zarr left them)."""
+        names = [str(n) for n in data.variables]
+        if self.mode == "a-" and self.append_dim:
+            # a-: existing variables without the append dim are left as they are.
+            names = [n for n in names if n not in self._existing or self.append_dim in data[n].dims]
+        plan = self.write_plan
+        placed = {d: slice(o, o + plan.sizes[d]) for d, o in plan.offsets.items()}
+        stored = stored_encodings(store, self.group, names)
+        write_variables(
+            store,
+            self.group,
+            data[names],
+            encodings={n: task_encoding(stored[n], self._decided.get(n)) for n in names},
+            region=placed,
+            stored_dims=self._stored_dims,
+        )
 
     def write_regions(
         self, executor: Any = "threads", *, workers: int | None = None
@@ -989,10 +700,12 @@ class RegionWriter:
         self.executor_name = adapter.name
         self._check_shippable(adapter.capabilities)
         todo = list(range(len(plan.regions))) if indices is None else list(indices)
-        self._encodings = self._store_encodings()
+        # The stored encoding, decided by xarray when it wrote the metadata (task_encoding).
+        stored = stored_encodings(self.session.session.store, self.group, list(plan.dims))
+        self._encodings = {n: task_encoding(stored[n], self._decided.get(n)) for n in plan.dims}
         records: list[TaskRecord | None] = [None] * len(todo)
 
-        def on_success(j: int, out: _TaskOutput, attempts: int) -> None:
+        def on_success(j: int, out: TaskOutput, attempts: int) -> None:
             assert out.snapshot is not None
             i = todo[j]
             with guard:
@@ -1005,15 +718,15 @@ class RegionWriter:
 
         with self.session.allow_pickling() as snapshot:
 
-            def build(j: int, attempt: int) -> _TaskInput:
+            def build(j: int, attempt: int) -> TaskInput:
                 with guard:
                     inp = self._task_input(todo[j], snapshot._fresh())
                 inp.attempt = attempt
                 return inp
 
-            _fan_out(
+            fan_out(
                 adapter,
-                _run_task,
+                run_task,
                 [plan.regions[i] for i in todo],
                 build,
                 backups=backups,
@@ -1099,16 +812,16 @@ class RegionWriter:
             ) from exc
 
 
-def _fan_out(
+def fan_out(
     adapter: Adapter,
-    fn: Callable[[Any], _TaskOutput],
+    fn: Callable[[Any], TaskOutput],
     regions: Sequence[Region],
     build: Callable[[int, int], Any],
     *,
     retries: int,
     progress: Progress,
     item_bytes: int,
-    on_success: Callable[[int, _TaskOutput, int], None],
+    on_success: Callable[[int, TaskOutput, int], None],
     backups: Backups | None = None,
     indices: Sequence[int] | None = None,
 ) -> None:
@@ -1134,7 +847,7 @@ def _fan_out(
         return task
 
     def on_failure(i: int, out: Any, attempts: int) -> None:
-        if isinstance(out, _TaskOutput):
+        if isinstance(out, TaskOutput):
             error, exc, tb = out.error or "", out.exception, out.traceback
         else:  # the engine's own failure (a dead worker, a broken pool)
             error, exc, tb = _describe(out), out, None
@@ -1157,8 +870,9 @@ def _fan_out(
             make_arg,
             batch_size=batch_size,
             retries=retries,
-            is_success=lambda out: isinstance(out, _TaskOutput) and out.ok,
+            is_success=lambda out: isinstance(out, TaskOutput) and out.ok,
             describe_error=_describe,
+            is_retryable=lambda out: not isinstance(out, TaskOutput) or out.retryable,
             on_success=on_success,
             on_failure=on_failure,
             on_event=on_event,
@@ -1209,7 +923,7 @@ def _first_line(text: str, limit: int = 300) -> str:
 
 
 def _describe(out: Any) -> str:
-    if isinstance(out, _TaskOutput):
+    if isinstance(out, TaskOutput):
         return out.error or "failed"
     if isinstance(out, BaseException):
         return f"{type(out).__name__}: {out}"
@@ -1286,13 +1000,14 @@ class _Resumable:
             self.repo.create_branch(self.work, self.base)
             self.created = True
 
-    def check(self, writer: RegionWriter, parallelism: int) -> int:
+    def check(self, writer: RegionWriter, caps: Capabilities) -> int:
         """Plan against the run's base; refuse a plan other than the stored one."""
         known = self.stored
+        parallelism = caps.parallelism
         if known is not None:
             parallelism = int(known.plan.get("parallelism") or parallelism)
         writer._reference = self.repo.readonly_session(snapshot_id=self.base)
-        writer.plan(parallelism=parallelism)
+        writer.plan(**{**writer.limits_for(caps), "parallelism": parallelism})
         summary, digest = writer.plan_summary()
         if known is not None and known.digest != digest:
             theirs = {k: v for k, v in known.plan.items() if k != "parallelism"}
@@ -1473,7 +1188,7 @@ def _write_resumable(
     backups: Backups | None,
 ) -> tuple[str, list[TaskRecord], int]:
     """Plan, check, write what the work branch lacks, checkpoint, publish; see run_id=."""
-    run.check(writer, adapter.capabilities.parallelism)
+    run.check(writer, adapter.capabilities)
     if run.published is not None:
         published, snapshot_id = run.published
         if run.work in run.repo.list_branches():
@@ -1537,6 +1252,7 @@ def run_region_writes(
     group: str | None = None,
     mode: Mode = "w-",
     append_dim: str | None = None,
+    region: Mapping[str, slice] | Literal["auto"] | None = None,
     region_dims: Sequence[str] | None = None,
     regions: Sequence[Mapping[str, slice]] | None = None,
     task_size: int | str | None = None,
@@ -1575,11 +1291,18 @@ def run_region_writes(
         Branch to commit to (with a repository target).
     group : str, optional
         Zarr group to write into.
-    mode : {"w-", "w", "r+", "a"}, default "w-"
-        Create (refuse existing arrays), overwrite, write regions into existing arrays, or
-        append along ``append_dim``.
+    mode : {"w-", "w", "a", "a-", "r+"}, default "w-"
+        As in ``Dataset.to_zarr``: create (refuse existing arrays); overwrite; append along
+        ``append_dim`` (without it: add new variables and overwrite existing ones); append
+        along ``append_dim`` without rewriting the existing variables that lack it; write
+        into existing arrays only.
     append_dim : str, optional
-        The dimension to grow, with ``mode="a"``.
+        The dimension to grow, with ``mode="a"`` or ``"a-"``.
+    region : dict or "auto", optional
+        Where the source goes in the existing arrays (``mode="r+"``), as in
+        ``Dataset.to_zarr(region=...)``: ``{dim: slice(start, stop)}`` (step 1), or
+        ``"auto"`` to place it by its index coordinates' labels. The source's index labels
+        must equal the stored ones there.
     region_dims : sequence of str, optional
         Dimensions to split (default: those along which the data variables are chunked).
     regions : sequence of dict, optional
@@ -1632,6 +1355,11 @@ def run_region_writes(
         With ``run_id``: the stored run was planned with other arguments.
     """
     t0 = time.perf_counter()
+    message = options.check_message(message)
+    metadata = options.check_metadata(metadata)
+    workers = options.check_workers(workers)
+    if isinstance(target, icechunk.Repository):
+        options.check_branch(target, branch)
     try:
         every = float(checkpoint_every)  # numpy scalars too
     except (TypeError, ValueError):
@@ -1661,6 +1389,7 @@ def run_region_writes(
             group=group,
             mode=mode,
             append_dim=append_dim,
+            region=region,
             region_dims=region_dims,
             regions=regions,
             task_size=task_size,
@@ -1692,7 +1421,7 @@ def run_region_writes(
                 backups=policy,
             )
         else:
-            writer.plan(parallelism=adapter.capabilities.parallelism)
+            writer.plan(**writer.limits_for(adapter.capabilities))
             writer._write_coordinator_part(adapter.capabilities)
             records = writer._write_regions(adapter, backups=policy)
             snapshot_id = writer.commit(message, metadata) if commit else None
@@ -1720,3 +1449,71 @@ def run_region_writes(
         n_resumed=n_resumed,
         n_checkpoints=run.n_checkpoints if run is not None else 0,
     )
+
+
+def plan_regions(
+    source: xr.Dataset | Loader,
+    target: Repository | Session | DistributedSession | None = None,
+    *,
+    template: xr.Dataset | None = None,
+    branch: str = "main",
+    group: str | None = None,
+    mode: Mode = "w-",
+    append_dim: str | None = None,
+    region: Mapping[str, slice] | Literal["auto"] | None = None,
+    region_dims: Sequence[str] | None = None,
+    regions: Sequence[Mapping[str, slice]] | None = None,
+    task_size: int | str | None = None,
+    encoding: Mapping[str, Mapping[str, Any]] | None = None,
+    executor: Any = "threads",
+    workers: int | None = None,
+    parallelism: int | None = None,
+) -> list[Region]:
+    """The regions :func:`run_region_writes` would write, with the same arguments (a dry run).
+
+    The same planning as the run: the same checks of the store (give ``target`` for modes
+    that write into existing arrays), the same encodings and chunks, the same task sizes for
+    the executor's parallelism. Nothing is written.
+
+    Parameters
+    ----------
+    source, target, template, branch, group, mode, append_dim, region, region_dims, regions, \
+task_size, encoding, executor, workers
+        As in :func:`run_region_writes`. Without ``target``, the plan is for a new store.
+    parallelism : int, optional
+        Workers the default task size should keep busy; by default the executor's (naming an
+        engine such as ``"ray"`` starts it to ask).
+
+    Returns
+    -------
+    list of dict
+        One ``{dim: slice}`` per task, in source coordinates.
+    """
+    if target is None:
+        target = icechunk.Repository.create(icechunk.in_memory_storage())
+    writer = RegionWriter(
+        source,
+        target,
+        template=template,
+        branch=branch,
+        group=group,
+        mode=mode,
+        append_dim=append_dim,
+        region=region,
+        region_dims=region_dims,
+        regions=regions,
+        task_size=task_size,
+        encoding=encoding,
+    )
+    try:
+        if parallelism is not None:
+            return writer.plan(parallelism=parallelism)
+        adapter = get_adapter(executor, workers=options.check_workers(workers))
+        try:
+            return writer.plan(**writer.limits_for(adapter.capabilities))
+        finally:
+            if adapter is not executor:
+                adapter.close()
+    finally:
+        if writer.owns_session:
+            writer.session.discard_changes()

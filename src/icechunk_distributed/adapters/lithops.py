@@ -74,6 +74,32 @@ def _call(arg: bytes) -> Any:
     return fn(payload)
 
 
+JOB_DATA_SHARE = 0.8
+"""Of ``data_limit``, the share one ``map`` job's arguments may use (Lithops adds its own)."""
+
+
+def _jobs(args: list[bytes], data_limit: int | None) -> list[list[int]]:
+    """Indices of ``args`` grouped into ``map`` jobs whose total size fits ``data_limit``.
+
+    Lithops checks the total data of a job, not of one call ("Total data exceeded maximum
+    size"): a round of calls that fit one by one may still be refused together.
+    """
+    if not args:
+        return []
+    if not data_limit:
+        return [list(range(len(args)))]
+    budget = JOB_DATA_SHARE * data_limit
+    jobs: list[list[int]] = [[]]
+    used = 0
+    for i, arg in enumerate(args):
+        if jobs[-1] and used + len(arg) > budget:
+            jobs.append([])
+            used = 0
+        jobs[-1].append(i)
+        used += len(arg)
+    return jobs
+
+
 class LithopsAdapter(Adapter):
     """Run tasks with a Lithops ``FunctionExecutor``.
 
@@ -162,11 +188,11 @@ class LithopsAdapter(Adapter):
 
         def submit() -> None:
             batch = list(iter(feed.pull, None))  # everything available now
-            if batch:
-                args = [cloudpickle.dumps((fn, a)) for _, a in batch]
-                futures = self.executor.map(_call, args, include_modules=[])
-                self.n_calls += len(args)
-                keys.update((id(f), k) for f, (k, _) in zip(futures, batch, strict=True))
+            args = [cloudpickle.dumps((fn, a)) for _, a in batch]
+            for job in _jobs(args, self.data_limit):
+                futures = self.executor.map(_call, [args[i] for i in job], include_modules=[])
+                self.n_calls += len(job)
+                keys.update((id(f), batch[i][0]) for f, i in zip(futures, job, strict=True))
                 pending.extend(futures)
 
         submit()

@@ -1,0 +1,327 @@
+"""The worker side: one region's piece checked, encoded with the stored encoding, written.
+
+A task gets a :class:`TaskInput` (shipped pickled to other processes), builds or receives its
+piece, checks it against what the coordinator expects (variables, dims, shape, dtype, and the
+index labels of its region), encodes each variable with the encoding the coordinator wrote
+to the store (xarray's own encoder: the task never re-derives units, dtypes or fill values),
+assigns it into the zarr arrays of its fork, and checks that every chunk it wrote lies inside
+its region.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import threading
+import time
+import traceback
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import xarray as xr
+
+from icechunk_distributed.errors import PieceMismatchError
+from icechunk_distributed.planning import Region, format_region
+from icechunk_distributed.session import SessionSnapshot, _Changes
+
+__all__ = ["Loader", "TaskInput", "TaskOutput", "load_piece", "run_task", "write_variables"]
+
+Loader = Callable[[dict[str, slice]], xr.Dataset]
+
+
+@dataclass
+class TaskInput:
+    """What one task needs: its region, its data or loader, and what to check it against.
+
+    Attributes
+    ----------
+    expect : dict
+        Per variable: dims, shape and dtype of the piece.
+    labels : dict
+        Per index coordinate along a region dim: the labels of the region (a loader's piece
+        must carry the same, if it carries the coordinate at all).
+    encodings : dict
+        Per variable: the encoding stored with the array (units, dtype, fill value, ...).
+    """
+
+    index: int
+    attempt: int
+    snapshot: SessionSnapshot
+    piece: xr.Dataset | None
+    loader: Loader | None
+    region: Region
+    abs_region: Region
+    group: str | None
+    expect: dict[str, tuple[tuple[str, ...], tuple[int, ...], np.dtype[Any]]]
+    units: dict[str, dict[str, int]]
+    encodings: dict[str, dict[str, Any]] = field(default_factory=dict)
+    labels: dict[str, np.ndarray] = field(default_factory=dict)
+    stored_dims: dict[str, tuple[str, ...]] = field(default_factory=dict)
+
+
+@dataclass
+class TaskOutput:
+    """What a task sends home: its snapshot on success, the error otherwise.
+
+    ``retryable`` is False for failures another attempt cannot fix (a loader returning the
+    wrong piece).
+    """
+
+    index: int
+    ok: bool
+    snapshot: SessionSnapshot | None = None
+    error: str | None = None
+    exception: BaseException | None = None
+    traceback: str | None = None
+    seconds: float = 0.0
+    worker: str = ""
+    n_chunks: int = 0
+    nbytes: int = 0
+    retryable: bool = True
+
+
+def worker_name() -> str:
+    """``host:pid:thread`` of the calling worker."""
+    return f"{socket.gethostname()}:{os.getpid()}:{threading.current_thread().name}"
+
+
+_STRING_KINDS = frozenset("OUST")
+
+
+def _same_dtype(got: np.dtype[Any], want: np.dtype[Any]) -> bool:
+    # Strings may come as object, <U, S or StringDType: all are encoded the same way.
+    return got == want or (got.kind in _STRING_KINDS and want.kind in _STRING_KINDS)
+
+
+def check_piece(piece: Any, inp: TaskInput) -> xr.Dataset:
+    """Raise :class:`PieceMismatchError` unless ``piece`` is the expected one; select it."""
+    region = format_region(inp.region)
+    if not isinstance(piece, xr.Dataset):
+        raise PieceMismatchError(
+            f"the loader returned {type(piece).__name__} for region {{{region}}}; "
+            "it must return an xarray.Dataset"
+        )
+    problems = []
+    for name, (dims, shape, dtype) in inp.expect.items():
+        if name not in piece.data_vars:
+            problems.append(f"variable {name!r} is missing")
+            continue
+        var = piece[name]
+        if tuple(map(str, var.dims)) != dims:
+            problems.append(f"{name!r} has dims {var.dims}, expected {dims}")
+        elif var.shape != shape:
+            problems.append(f"{name!r} has shape {var.shape}, expected {shape}")
+        elif not _same_dtype(var.dtype, dtype):
+            problems.append(f"{name!r} has dtype {var.dtype}, expected {dtype}")
+    for dim, labels in inp.labels.items():
+        if dim in piece.indexes and not _labels_equal(np.asarray(piece.indexes[dim]), labels):
+            got = np.asarray(piece.indexes[dim])
+            problems.append(f"its {dim!r} labels {_span(got)} are not the region's {_span(labels)}")
+    if problems:
+        raise PieceMismatchError(
+            f"the piece for region {{{region}}} does not match the template: " + "; ".join(problems)
+        )
+    selected: xr.Dataset = piece[list(inp.expect)]
+    return selected.drop_vars(list(selected.coords))
+
+
+def _labels_equal(a: np.ndarray, b: np.ndarray) -> bool:
+    if a.shape != b.shape:
+        return False
+    try:
+        return bool(np.array_equal(a, b, equal_nan=a.dtype.kind in "fc"))
+    except TypeError:
+        return bool(np.array_equal(a, b))
+
+
+def _span(labels: np.ndarray) -> str:
+    return f"{labels[0]!r}..{labels[-1]!r}" if len(labels) else "[]"
+
+
+def check_inside(
+    snapshot: SessionSnapshot,
+    *,
+    prefix: str,
+    dims: Mapping[str, tuple[str, ...]],
+    units: Mapping[str, Mapping[str, int]],
+    region: Region,
+) -> int:
+    """Every chunk this task wrote lies inside ``region``, in one of ``dims``' arrays.
+
+    Array paths are ``prefix`` + name. The task is then done with its fork: freeze it with the
+    changes just computed, so the coordinator's merge (in this process, for thread pools)
+    need not ask icechunk again. Returns how many chunks the task wrote.
+    """
+    fork = snapshot._live_fork()
+    changes = _Changes.of(fork.session())
+    fork._changes, fork.live = changes, False
+    n = 0
+    for path, coords in changes.chunks.items():
+        name = path[len(prefix) :] if path.startswith(prefix) else path
+        if name not in dims:
+            raise RuntimeError(f"the task wrote to {path!r}, which is not one of its arrays")
+        for c in coords:
+            for dim, index in zip(dims[name], c, strict=True):
+                if dim not in region:
+                    continue
+                u, s = units[name][dim], region[dim]
+                if not s.start // u <= index < -(-s.stop // u):
+                    raise RuntimeError(
+                        f"the task wrote chunk {list(c)} of {path!r}, outside its region "
+                        f"({dim}={s.start}:{s.stop}, chunk size {u})"
+                    )
+        n += len(coords)
+    return n
+
+
+def load_piece(piece: xr.Dataset) -> xr.Dataset:
+    """``piece`` in memory; dask pieces are computed here, without a nested cluster."""
+    if any(v.chunks is not None for v in piece.variables.values()):
+        import dask
+
+        with dask.config.set(scheduler="synchronous"):
+            loaded: xr.Dataset = piece.load()
+            return loaded
+    return piece.load()
+
+
+def write_variables(
+    store: Any,
+    group: str | None,
+    data: xr.Dataset,
+    *,
+    encodings: Mapping[str, Mapping[str, Any]],
+    region: Region,
+    stored_dims: Mapping[str, tuple[str, ...]],
+) -> None:
+    """Encode each variable of ``data`` with its encoding; assign it at ``region``.
+
+    This is what ``Dataset.to_zarr(region=...)`` does (the encoding applied by xarray's own
+    encoder), without its ~10 ms per call of opening and checking every array: the
+    coordinator read the encodings once. ``region`` is in the stored arrays' coordinates.
+    Lazy data are encoded lazily, then computed here (without a nested cluster), exactly as
+    ``to_zarr`` computes them: dask's arithmetic promotes differently from numpy's in-place
+    operations, so encoding loaded values could round packed data differently.
+    """
+    import zarr
+    from xarray.backends.zarr import encode_zarr_variable
+
+    prefix = f"{group}/" if group else ""
+    for name, variable in data.variables.items():
+        name = str(name)
+        var = variable.copy(deep=False)
+        dims = stored_dims.get(name)
+        if dims and tuple(map(str, var.dims)) != dims:
+            var = var.transpose(*dims)
+        var.encoding = dict(encodings.get(name, {}))
+        if var.dtype == object and var.chunks is None:
+            var = _fill_missing_strings(var)
+        encoded = encode_zarr_variable(var, name=name, zarr_format=3)
+        if encoded.chunks is None:
+            values = np.asarray(encoded.values)
+        else:
+            import dask
+
+            with dask.config.set(scheduler="synchronous"):
+                values = np.asarray(encoded.values)
+        index = tuple(region.get(str(d), slice(None)) for d in var.dims)
+        array = zarr.open_array(store, path=prefix + name, mode="r+")
+        array[index] = values
+
+
+def _fill_missing_strings(var: xr.Variable) -> xr.Variable:
+    """Missing values of an object string array as ``to_zarr`` stores them: ``""``.
+
+    xarray infers the fill from the whole variable's values; a piece may hold nothing but
+    missing values, from which it would infer a float (and store "nan").
+    """
+    import pandas as pd
+
+    values = np.asarray(var.values)
+    missing = pd.isnull(values)
+    if not missing.any() or (missing.all() and var.encoding.get("dtype") is None):
+        return var
+    kinds = {type(v) for v in values[~missing].ravel()[:1]}
+    dtype = var.encoding.get("dtype")
+    if bytes in kinds or (dtype is not None and np.dtype(dtype).kind == "S"):
+        fill: Any = b""
+    elif kinds <= {str} or (dtype is not None and np.dtype(dtype).kind in "TUO"):
+        fill = ""
+    else:
+        return var  # not strings (cftime and friends keep their own handling)
+    values = values.copy()
+    values[missing] = fill
+    return var.copy(deep=False, data=values)
+
+
+def execute(inp: TaskInput) -> TaskOutput:
+    """Run one task: build or take the piece, check, write, check the chunks written."""
+    t0 = time.perf_counter()
+    try:
+        piece = inp.loader(dict(inp.region)) if inp.loader is not None else inp.piece
+        piece = check_piece(piece, inp)
+        write_variables(
+            inp.snapshot.store,
+            inp.group,
+            piece,
+            encodings=inp.encodings,
+            region=inp.abs_region,
+            stored_dims=inp.stored_dims,
+        )
+        n_chunks = check_inside(
+            inp.snapshot,
+            prefix="/" + (f"{inp.group}/" if inp.group else ""),
+            dims={name: inp.stored_dims.get(name) or exp[0] for name, exp in inp.expect.items()},
+            units=inp.units,
+            region=inp.abs_region,
+        )
+        return TaskOutput(
+            inp.index,
+            True,
+            snapshot=inp.snapshot,
+            seconds=time.perf_counter() - t0,
+            worker=worker_name(),
+            n_chunks=n_chunks,
+            nbytes=int(piece.nbytes),
+        )
+    except Exception as exc:
+        return failed(inp.index, exc, t0)
+
+
+def failed(index: int, exc: Exception, t0: float) -> TaskOutput:
+    """A task's failure, as it travels home (call it inside the ``except`` block)."""
+    try:  # the exception travels home if it pickles; its text always does
+        import cloudpickle
+
+        cloudpickle.dumps(exc)
+        shipped: BaseException | None = exc
+    except Exception:
+        shipped = None
+    return TaskOutput(
+        index,
+        False,
+        error=f"{type(exc).__name__}: {exc}",
+        exception=shipped,
+        traceback=traceback.format_exc(),
+        seconds=time.perf_counter() - t0,
+        worker=worker_name(),
+        retryable=not isinstance(exc, PieceMismatchError),
+    )
+
+
+def received(arg: Any) -> Any:
+    """A task's argument in the worker: ``bytes`` when it crossed a process boundary."""
+    if isinstance(arg, bytes):
+        import cloudpickle
+
+        return cloudpickle.loads(arg)
+    return arg
+
+
+def run_task(arg: TaskInput | bytes) -> TaskOutput:
+    """Entry point in the worker."""
+    inp = received(arg)
+    assert isinstance(inp, TaskInput)
+    return execute(inp)

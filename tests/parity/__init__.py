@@ -1,0 +1,1 @@
+"""Parity harness: ``run_region_writes`` must write exactly what ``Dataset.to_zarr`` writes."""
