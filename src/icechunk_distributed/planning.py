@@ -26,6 +26,7 @@ __all__ = [
     "Region",
     "WritePlan",
     "build_plan",
+    "check_slice",
     "format_region",
     "parse_bytes",
     "validate_regions",
@@ -219,36 +220,45 @@ def build_plan(
     return plan
 
 
+def check_slice(where: str, value: Any, size: int | str) -> None:
+    """Raise :class:`InvalidRegionError` unless ``value`` is a region slice ``to_zarr`` takes.
+
+    Integer (or None) bounds, not negative, step 1. ``where`` names the slice in the message
+    (``"region['time']"``); ``size`` is the dimension's, for the hint.
+    """
+    if not isinstance(value, slice):
+        raise InvalidRegionError(
+            f"{where} must be a slice(start, stop) with integer bounds and step 1, not "
+            f"{type(value).__name__} ({value!r:.60})"
+        )
+    if value.step not in (None, 1):
+        raise InvalidRegionError(
+            f"{where} = {value} has step {value.step}; only step 1 is allowed (a region is "
+            "a contiguous block, as in Dataset.to_zarr)"
+        )
+    for bound in (value.start, value.stop):
+        if bound is None:
+            continue
+        if isinstance(bound, bool) or not isinstance(bound, int | np.integer):
+            raise InvalidRegionError(
+                f"{where} = {value}: bounds must be integers (positions, not labels), not "
+                f"{type(bound).__name__}"
+            )
+        if bound < 0:
+            raise InvalidRegionError(
+                f"{where} = {value}: negative bounds are not allowed; give positions from 0 "
+                f"to {size}"
+            )
+
+
 def _check_raw_region(i: int, region: Mapping[str, Any], sizes: Mapping[str, int]) -> None:
-    """An explicit region is ``{dim: slice}`` with integer bounds in range and step 1."""
+    """An explicit task region is ``{dim: slice}``, each slice as :func:`check_slice` wants."""
     if not isinstance(region, Mapping):
         raise InvalidRegionError(
             f"region #{i} must be a dict {{dim: slice}}, not {type(region).__name__}"
         )
-    for dim, s in region.items():
-        if not isinstance(s, slice):
-            raise InvalidRegionError(
-                f"region #{i}: {dim!r} must be a slice(start, stop), not "
-                f"{type(s).__name__} ({s!r:.60})"
-            )
-        if s.step not in (None, 1):
-            raise InvalidRegionError(
-                f"region #{i}: slice for {dim!r} has step {s.step} ({s}); regions are "
-                "contiguous blocks: only step 1 is allowed"
-            )
-        for bound in (s.start, s.stop):
-            if bound is None:
-                continue
-            if isinstance(bound, bool) or not isinstance(bound, int | np.integer):
-                raise InvalidRegionError(
-                    f"region #{i}: {dim!r} = {s} has a bound of type {type(bound).__name__}; "
-                    "bounds must be integers (positions, not labels)"
-                )
-            if bound < 0:
-                raise InvalidRegionError(
-                    f"region #{i}: {dim!r} = {s} has a negative bound; give positions from "
-                    f"0 to {sizes.get(dim, '?')}"
-                )
+    for dim, value in region.items():
+        check_slice(f"region #{i}: {dim!r}", value, sizes.get(dim, "?"))
 
 
 def _plan(

@@ -29,6 +29,7 @@ import pandas as pd
 import xarray as xr
 
 from icechunk_distributed.errors import InvalidRegionError, TemplateMismatchError
+from icechunk_distributed.planning import check_slice
 
 __all__ = [
     "MODES",
@@ -394,32 +395,9 @@ def resolve_region(
         if isinstance(value, str) and value == "auto":
             out[dim] = _auto_region(dim, template, state)
             continue
-        if not isinstance(value, slice):
-            raise InvalidRegionError(
-                f"region[{dim!r}] must be a slice with integer bounds and step 1, "
-                f"not {type(value).__name__} ({value!r:.60})"
-            )
-        if value.step not in (None, 1):
-            raise InvalidRegionError(
-                f"region[{dim!r}] = {value} has step {value.step}; only step 1 is allowed "
-                "(a region is a contiguous block, as in Dataset.to_zarr)"
-            )
-        start, stop = value.start, value.stop
-        for bound in (start, stop):
-            if bound is not None and (
-                isinstance(bound, bool) or not isinstance(bound, int | np.integer)
-            ):
-                raise InvalidRegionError(
-                    f"region[{dim!r}] = {value}: bounds must be integers, not "
-                    f"{type(bound).__name__}"
-                )
-        start = 0 if start is None else int(start)
-        stop = stored[dim] if stop is None else int(stop)
-        if start < 0 or stop < 0:
-            raise InvalidRegionError(
-                f"region[{dim!r}] = {value}: negative bounds are not allowed; give positions "
-                f"from 0 to {stored[dim]}"
-            )
+        check_slice(f"region[{dim!r}]", value, stored[dim])
+        start = 0 if value.start is None else int(value.start)
+        stop = stored[dim] if value.stop is None else int(value.stop)
         if not start < stop <= stored[dim]:
             raise InvalidRegionError(
                 f"region[{dim!r}] = {start}:{stop} is empty or outside the stored dimension "
