@@ -16,6 +16,7 @@ from icechunk_distributed import (
     InvalidRegionError,
     RegionWriteError,
     RegionWriter,
+    TemplateMismatchError,
     plan_regions,
     run_region_writes,
     store_arrays,
@@ -348,6 +349,31 @@ def test_store_arrays_explicit_regions_are_validated(repo):
     np.testing.assert_array_equal(
         zarr.open_array(repo.readonly_session("main").store, path="a")[:], np.arange(10.0)
     )
+
+
+@pytest.mark.parametrize("executor", ["threads", "processes"])
+def test_store_arrays_into_part_of_the_arrays(repo, executor):
+    """region= places smaller sources, partial regions= update part (as to_zarr(region=))."""
+    session = icd.writable_session(repo)
+    a = zarr.create_array(session.store, name="a", shape=(12, 4), chunks=(4, 4), dtype="f8")
+    a[:] = -1.0
+    session.commit("placeholders")
+    session = icd.writable_session(repo)
+    a = zarr.open_array(session.store, path="a", mode="r+")
+    src = np.arange(16.0).reshape(4, 4)
+    merged = store_arrays(src, a, region=(slice(4, 8), slice(None)), executor=executor)
+    whole = np.full((12, 4), 5.0)
+    merged = store_arrays(whole, a, regions=[(slice(0, 4),)], executor=executor)
+    merged.commit("parts")
+    got = zarr.open_array(repo.readonly_session("main").store, path="a")[:]
+    np.testing.assert_array_equal(got[0:4], 5.0)
+    np.testing.assert_array_equal(got[4:8], src)
+    np.testing.assert_array_equal(got[8:], -1.0)
+    a = zarr.open_array(icd.writable_session(repo).store, path="a", mode="r+")
+    with pytest.raises(InvalidRegionError, match="step 2"):
+        store_arrays(src, a, region=(slice(0, 8, 2), slice(None)))
+    with pytest.raises(TemplateMismatchError, match="pass region="):
+        store_arrays(src, a)
 
 
 def test_unknown_executor_object(repo):

@@ -12,10 +12,11 @@ import numpy as np
 
 from icechunk_distributed.adapters import get_adapter
 from icechunk_distributed.errors import (
+    InvalidRegionError,
     TemplateMismatchError,
     UnpicklableSourceError,
 )
-from icechunk_distributed.planning import Region, WritePlan, build_plan
+from icechunk_distributed.planning import Region, WritePlan, build_plan, check_slice
 from icechunk_distributed.session import DistributedSession, SessionSnapshot, merge_sessions
 from icechunk_distributed.task import TaskOutput, check_inside, failed, received, worker_name
 from icechunk_distributed.writer import Progress, fan_out
@@ -64,12 +65,40 @@ def _write_array(arg: _ArrayTask | bytes) -> TaskOutput:
         return failed(0, exc, t0)
 
 
+def _placement(region: tuple[slice, ...] | None, shape: tuple[int, ...], tgt: Any) -> list[int]:
+    """Where a source of ``shape`` starts in ``tgt`` (checked like ``to_zarr``'s region)."""
+    if region is None:
+        if shape != tuple(tgt.shape):
+            raise TemplateMismatchError(
+                f"source shape {shape} differs from target {tgt.path!r} {tgt.shape}; pass "
+                "region=(slice(start, stop), ...) to write it into part of the array"
+            )
+        return [0] * len(shape)
+    if len(region) != len(shape):
+        raise InvalidRegionError(
+            f"region has {len(region)} slices for {len(shape)}-dimensional arrays"
+        )
+    starts = []
+    for axis, (s, n, size) in enumerate(zip(region, shape, tgt.shape, strict=True)):
+        check_slice(f"region[{axis}]", s, size)
+        start = 0 if s.start is None else int(s.start)
+        stop = size if s.stop is None else int(s.stop)
+        if not 0 <= start <= stop <= size or stop - start != n:
+            raise InvalidRegionError(
+                f"region[{axis}] = {start}:{stop} must lie within {tgt.path!r} (size {size}) "
+                f"and hold the source's {n} elements"
+            )
+        starts.append(start)
+    return starts
+
+
 def store_arrays(
     sources: Sequence[Any] | Any,
     targets: Sequence[Any] | Any,
     *,
     executor: Any = "threads",
     regions: Sequence[tuple[slice, ...]] | None = None,
+    region: tuple[slice, ...] | None = None,
     retries: int = 2,
     progress: Progress = None,
     task_size: int | str | None = None,
@@ -86,7 +115,13 @@ def store_arrays(
     executor : str, concurrent.futures.Executor or Adapter, default "threads"
         Where tasks run (as in :func:`~icechunk_distributed.run_region_writes`).
     regions : sequence of tuple of slice, optional
-        Explicit regions (applied to every array); planned from the chunk grid by default.
+        Explicit task regions in source coordinates (applied to every array); planned from
+        the chunk grid by default. They may cover part of the sources: only that part is
+        written (the arrays exist).
+    region : tuple of slice, optional
+        Where the sources go in the targets, as ``Dataset.to_zarr(region=...)`` places a
+        dataset: one slice per axis (step 1), as long as the sources. By default the sources
+        have the targets' shapes.
     retries : int, default 2
         Extra attempts per failed region.
     progress : bool or callable, optional
@@ -125,22 +160,21 @@ def store_arrays(
     session = DistributedSession(base)
     plans: list[tuple[str, WritePlan]] = []
     for src, tgt in zip(srcs, tgts, strict=True):
-        if tuple(src.shape) != tuple(tgt.shape):
-            raise TemplateMismatchError(
-                f"source shape {tuple(src.shape)} differs from target {tgt.path!r} {tgt.shape}"
-            )
         dims = tuple(f"axis_{k}" for k in range(tgt.ndim))
+        offsets = _placement(region, tuple(src.shape), tgt)
         grid = tgt.shards or tgt.chunks
         plan = build_plan(
             dims={tgt.path: dims},
             units={tgt.path: dict(zip(dims, grid, strict=True))},
             itemsizes={tgt.path: np.dtype(tgt.dtype).itemsize},
-            sizes=dict(zip(dims, tgt.shape, strict=True)),
+            sizes=dict(zip(dims, src.shape, strict=True)),
+            offsets=dict(zip(dims, offsets, strict=True)),
             region_dims=dims if regions is not None else None,
             regions=None
             if regions is None
             else [dict(zip(dims, r, strict=False)) for r in regions],
             task_size=task_size,
+            require_cover=False,
         )
         plans.append((tgt.path, plan))
     work = [(k, r) for k, (_, p) in enumerate(plans) for r in p.regions]
@@ -169,7 +203,8 @@ def store_arrays(
                 dims = plan.dims[path]
                 full = {d: region.get(d, slice(0, plan.sizes[d])) for d in dims}
                 data = srcs[k][tuple(full[d] for d in dims)]
-                return _ArrayTask(snapshot._fresh(), path, dims, full, data, plan.units[path])
+                placed = plan.absolute(full)  # in the target's coordinates
+                return _ArrayTask(snapshot._fresh(), path, dims, placed, data, plan.units[path])
 
             def on_success(i: int, out: TaskOutput, attempts: int) -> None:
                 merge_sessions(session, out.snapshot)
