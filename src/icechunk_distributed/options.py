@@ -53,6 +53,20 @@ def _is_int(value: object) -> TypeGuard[int | np.integer[Any]]:
     return isinstance(value, int | np.integer) and not isinstance(value, bool | np.bool_)
 
 
+def _count(value: object, *, minimum: int, kind: str, low: str) -> int:
+    """``value`` as a Python int >= ``minimum``.
+
+    TypeError ``kind`` (and what it got) for a non-integer; ValueError ``low`` (formatted
+    with the value) below the minimum.
+    """
+    if not _is_int(value):
+        raise TypeError(f"{kind}, not {_describe(value)}")
+    count = int(value)
+    if count < minimum:
+        raise ValueError(low.format(count))
+    return count
+
+
 def _type_name(value: object) -> str:
     """``datetime.datetime``, ``numpy.ndarray``; builtins without their module (``str``)."""
     cls = type(value)
@@ -154,17 +168,12 @@ def check_workers(workers: object) -> int | None:
     """
     if workers is None:
         return None
-    if not _is_int(workers):
-        raise TypeError(
-            f"workers must be an int (the pool size) or None (the executor's default), "
-            f"not {_describe(workers)}"
-        )
-    count = int(workers)
-    if count < 1:
-        raise ValueError(
-            f"workers must be at least 1, got {count}; pass None for the executor's default"
-        )
-    return count
+    return _count(
+        workers,
+        minimum=1,
+        kind="workers must be an int (the pool size) or None (the executor's default)",
+        low="workers must be at least 1, got {}; pass None for the executor's default",
+    )
 
 
 def check_retries(retries: object) -> int:
@@ -187,18 +196,13 @@ def check_retries(retries: object) -> int:
     ValueError
         For a negative integer.
     """
-    if not _is_int(retries):
-        raise TypeError(
-            f"retries must be an int >= 0 (extra attempts per failed region; 0 for none), "
-            f"not {_describe(retries)}"
-        )
-    count = int(retries)
-    if count < 0:
-        raise ValueError(
-            f"retries must be at least 0 (extra attempts per failed region), got {count}; "
-            "use 0 for no retries"
-        )
-    return count
+    return _count(
+        retries,
+        minimum=0,
+        kind="retries must be an int >= 0 (extra attempts per failed region; 0 for none)",
+        low="retries must be at least 0 (extra attempts per failed region), got {}; use 0 "
+        "for no retries",
+    )
 
 
 def check_progress(progress: object) -> bool | Callable[[ProgressEvent], None] | None:
