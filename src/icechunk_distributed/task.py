@@ -26,7 +26,7 @@ from icechunk_distributed.errors import PieceMismatchError
 from icechunk_distributed.planning import Region, format_region
 from icechunk_distributed.session import SessionSnapshot, _Changes
 
-__all__ = ["Loader", "TaskInput", "TaskOutput", "load_piece", "run_task", "write_variables"]
+__all__ = ["Loader", "TaskInput", "TaskOutput", "run_task", "write_variables"]
 
 Loader = Callable[[dict[str, slice]], xr.Dataset]
 
@@ -174,17 +174,6 @@ def check_inside(
                     )
         n += len(coords)
     return n
-
-
-def load_piece(piece: xr.Dataset) -> xr.Dataset:
-    """``piece`` in memory; dask pieces are computed here, without a nested cluster."""
-    if any(v.chunks is not None for v in piece.variables.values()):
-        import dask
-
-        with dask.config.set(scheduler="synchronous"):
-            loaded: xr.Dataset = piece.load()
-            return loaded
-    return piece.load()
 
 
 def write_variables(
