@@ -239,3 +239,23 @@ def test_random_appends(steps):
     with tempfile.TemporaryDirectory() as tmp:
         # each side gets its own copy of the drawn datasets
         check_parity(lambda _src: copy.deepcopy(steps), Path(tmp), "threads")
+
+
+# ---------------------------------------------------------------------------------------------
+# The same, against icechunk's own writer (icechunk.xarray.to_icechunk).
+
+TO_ICECHUNK = [cases.era5_packed, cases.dask_packed, cases.dask_no_encoding, cases.append_dask]
+
+
+@pytest.mark.parametrize("build", TO_ICECHUNK, ids=cases.case_id)
+def test_matches_to_icechunk(build, tmp_path):
+    from icechunk.xarray import to_icechunk
+
+    ref_repo, our_repo = new_repo(tmp_path / "reference"), new_repo(tmp_path / "ours")
+    for i, step in enumerate(build(tmp_path / "src-reference")):
+        session = ref_repo.writable_session("main")
+        with dask.config.set(scheduler="synchronous"):
+            to_icechunk(step.ds, session, **step.kwargs)
+        session.commit(f"to_icechunk step {i}")
+    write_ours(our_repo, build(tmp_path / "src-ours"), "threads", None)
+    assert_same_repos(our_repo, ref_repo)
