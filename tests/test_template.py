@@ -176,3 +176,66 @@ def test_a_loader_returning_another_region_is_refused_without_retries(repo):
         )
     assert {f.attempts for f in info.value.failures} == {1}
     assert isinstance(info.value.failures[0].exception, icd.PieceMismatchError)
+
+
+# -- found by review: each compared with to_zarr --------------------------------------------
+
+
+def _to_zarr(ds, repo, **kwargs):
+    session = repo.writable_session("main")
+    ds.to_zarr(session.store, consolidated=False, **kwargs)
+    session.commit("to_zarr")
+
+
+def _read(repo):
+    return xr.open_zarr(repo.readonly_session("main").store, consolidated=False).load()
+
+
+def test_missing_strings_in_dask_pieces_are_written_as_to_zarr_writes_them(repo, other_repo):
+    s = np.array(["a", "bb", "ccc", None, None, None, "q", "r", "s", "x", "yy", None], object)
+    ds = xr.Dataset({"s": ("t", s)}, coords={"t": np.arange(12)}).chunk(t=3)
+    ds["s"].encoding = {"chunks": (3,)}
+    icd.run_region_writes(ds, repo, executor="serial", progress=False)
+    _to_zarr(ds, other_repo)
+    assert _read(repo)["s"].values.tolist() == _read(other_repo)["s"].values.tolist()
+    assert _read(repo)["s"].values.tolist()[3] == ""
+
+
+def test_a_loaders_coordinator_variables_keep_the_templates_metadata(repo, other_repo):
+    full = xr.Dataset(
+        {"x": ("time", np.arange(20, dtype="f4")), "ref": ("k", np.linspace(0, 1, 4, dtype="f4"))},
+        coords={"time": np.arange(20)},
+    )
+    template = full.chunk(time=5)
+    template["ref"].attrs = {"units": "m"}
+    template["ref"].encoding = {"chunks": (2,)}
+    icd.run_region_writes(
+        lambda r: full.isel(r), repo, template=template, executor="serial", progress=False
+    )
+    _to_zarr(template, other_repo)
+    xr.testing.assert_identical(_read(repo), _read(other_repo))
+    assert _read(repo)["ref"].encoding["chunks"] == (2,)
+    with pytest.raises(icd.TemplateMismatchError, match="dtype float64"):
+        icd.run_region_writes(
+            lambda r: full.assign(ref=full["ref"].astype("f8")).isel(r),
+            repo,
+            template=template,
+            mode="w",
+            executor="serial",
+        )
+
+
+def test_w_minus_into_an_existing_group_is_refused_as_to_zarr_refuses_it(repo, other_repo):
+    first = xr.Dataset({"x": ("t", np.zeros(3))}, attrs={"keep": 1})
+    second = xr.Dataset({"y": ("q", np.ones(4))}, attrs={"new": 2})
+    _to_zarr(first, repo)
+    before = repo.lookup_branch("main")
+    with pytest.raises(icd.TemplateMismatchError, match="already exists; mode='w-' only creates"):
+        icd.run_region_writes(second, repo, mode="w-")
+    assert repo.lookup_branch("main") == before
+    _to_zarr(first, other_repo)
+    with pytest.raises(FileExistsError):
+        _to_zarr(second, other_repo, mode="w-")
+    icd.run_region_writes(second, repo, mode="a")  # mode "a" adds, as to_zarr(mode="a")
+    _to_zarr(second, other_repo, mode="a")
+    xr.testing.assert_identical(_read(repo), _read(other_repo))

@@ -13,20 +13,18 @@ import os
 import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 
 from icechunk_distributed.errors import InvalidRegionError
-
-if TYPE_CHECKING:
-    pass
 
 __all__ = [
     "Region",
     "WritePlan",
     "build_plan",
     "check_slice",
+    "default_region_dims",
     "format_region",
     "parse_bytes",
     "validate_regions",
@@ -84,7 +82,8 @@ class WritePlan:
     sizes : dict
         Size of every dimension in the source (the part being written).
     offsets : dict
-        Where the source starts in the target arrays (non-zero along ``append_dim``).
+        Where the source starts in the target arrays (along ``append_dim``, and along the
+        dims a ``region=`` places).
     units : dict
         For each variable written by tasks, its write unit (shard or chunk) per dimension.
     regions : list of dict
@@ -128,7 +127,7 @@ class WritePlan:
         return total
 
     def absolute(self, region: Region) -> Region:
-        """``region`` shifted into target-array coordinates (differs along ``append_dim``)."""
+        """``region`` shifted into target-array coordinates (by ``offsets``)."""
         out = {}
         # Dims placed by an offset (append, region=) are shifted even where tasks do not split.
         for dim in {**dict.fromkeys(region), **dict.fromkeys(self.offsets)}:
@@ -156,16 +155,17 @@ def _allowed_edges(size: int, offset: int, units: Sequence[int]) -> np.ndarray:
     return ok
 
 
-def _default_region_dims(
-    dims: Mapping[str, tuple[str, ...]],
+def default_region_dims(
+    dims: Mapping[str, Sequence[str]],
     units: Mapping[str, Mapping[str, int]],
     sizes: Mapping[str, int],
 ) -> tuple[str, ...]:
+    """Dimensions along which some variable has several write units (in variable order)."""
     out: list[str] = []
     for var, var_dims in dims.items():
         for dim in var_dims:
-            if units[var][dim] < sizes[dim] and dim not in out:
-                out.append(dim)
+            if units[var][str(dim)] < sizes[str(dim)] and dim not in out:
+                out.append(str(dim))
     return tuple(out)
 
 
@@ -193,7 +193,7 @@ def build_plan(
                 key=lambda d: order.index(d) if d in order else len(order),
             )
         else:
-            region_dims = _default_region_dims(dims, units, sizes)
+            region_dims = default_region_dims(dims, units, sizes)
     region_dims = tuple(region_dims)
     for dim in region_dims:
         if dim not in sizes:

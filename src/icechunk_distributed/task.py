@@ -26,7 +26,7 @@ from icechunk_distributed.errors import PieceMismatchError
 from icechunk_distributed.planning import Region, format_region
 from icechunk_distributed.session import SessionSnapshot, _Changes
 
-__all__ = ["Loader", "TaskInput", "TaskOutput", "run_task", "write_variables"]
+__all__ = ["Loader", "TaskInput", "TaskOutput", "run_task", "same_dtype", "write_variables"]
 
 Loader = Callable[[dict[str, slice]], xr.Dataset]
 
@@ -43,7 +43,8 @@ class TaskInput:
         Per index coordinate along a region dim: the labels of the region (a loader's piece
         must carry the same, if it carries the coordinate at all).
     encodings : dict
-        Per variable: the encoding stored with the array (units, dtype, fill value, ...).
+        Per variable: what to encode the piece with (see ``template.task_encoding``: the
+        stored encoding, with the packing values as given for arrays this write creates).
     """
 
     index: int
@@ -90,9 +91,15 @@ def worker_name() -> str:
 _STRING_KINDS = frozenset("OUST")
 
 
-def _same_dtype(got: np.dtype[Any], want: np.dtype[Any]) -> bool:
-    # Strings may come as object, <U, S or StringDType: all are encoded the same way.
-    return got == want or (got.kind in _STRING_KINDS and want.kind in _STRING_KINDS)
+def same_dtype(got: np.dtype[Any], want: np.dtype[Any]) -> bool:
+    """Whether data of dtype ``got`` may stand for the template's ``want``."""
+    # Strings may come as object, <U, S or StringDType, times in any resolution: the stored
+    # encoding encodes each family the same way.
+    return (
+        got == want
+        or (got.kind in _STRING_KINDS and want.kind in _STRING_KINDS)
+        or (got.kind in "mM" and got.kind == want.kind)
+    )
 
 
 def check_piece(piece: Any, inp: TaskInput) -> xr.Dataset:
@@ -113,7 +120,7 @@ def check_piece(piece: Any, inp: TaskInput) -> xr.Dataset:
             problems.append(f"{name!r} has dims {var.dims}, expected {dims}")
         elif var.shape != shape:
             problems.append(f"{name!r} has shape {var.shape}, expected {shape}")
-        elif not _same_dtype(var.dtype, dtype):
+        elif not same_dtype(var.dtype, dtype):
             problems.append(f"{name!r} has dtype {var.dtype}, expected {dtype}")
     for dim, labels in inp.labels.items():
         if dim in piece.indexes and not _labels_equal(np.asarray(piece.indexes[dim]), labels):
@@ -205,7 +212,13 @@ def write_variables(
         if dims and tuple(map(str, var.dims)) != dims:
             var = var.transpose(*dims)
         var.encoding = dict(encodings.get(name, {}))
-        if var.dtype == object and var.chunks is None:
+        if var.dtype == object:
+            # Strings: computed first (no arithmetic to keep lazy), then filled as to_zarr does.
+            if var.chunks is not None:
+                import dask
+
+                with dask.config.set(scheduler="synchronous"):
+                    var = var.compute()
             var = _fill_missing_strings(var)
         encoded = encode_zarr_variable(var, name=name, zarr_format=3)
         if encoded.chunks is None:

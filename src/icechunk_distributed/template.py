@@ -29,7 +29,7 @@ import pandas as pd
 import xarray as xr
 
 from icechunk_distributed.errors import InvalidRegionError, TemplateMismatchError
-from icechunk_distributed.planning import check_slice
+from icechunk_distributed.planning import check_slice, default_region_dims
 
 __all__ = [
     "MODES",
@@ -173,20 +173,6 @@ def units_of(var: xr.Variable, encoding: Mapping[str, Any]) -> dict[str, int]:
     return {str(d): max(1, int(var.sizes[d])) for d in var.dims}
 
 
-def default_region_dims(
-    dims: Mapping[str, Sequence[str]],
-    units: Mapping[str, Mapping[str, int]],
-    sizes: Mapping[str, int],
-) -> tuple[str, ...]:
-    """Dimensions along which some variable has several write units (in variable order)."""
-    out: list[str] = []
-    for var, var_dims in dims.items():
-        for dim in var_dims:
-            if units[var][str(dim)] < sizes[str(dim)] and dim not in out:
-                out.append(str(dim))
-    return tuple(out)
-
-
 def describe_template(
     template: xr.Dataset,
     *,
@@ -307,17 +293,6 @@ class StoreState:
         return {str(d): int(n) for d, n in self.dataset.sizes.items()}
 
 
-def group_exists(store: Any, group: str | None) -> bool:
-    """Whether ``group`` exists in ``store``."""
-    import zarr
-
-    try:
-        zarr.open_group(store, path=group or "", mode="r")
-    except (FileNotFoundError, zarr.errors.GroupNotFoundError, KeyError):
-        return False
-    return True
-
-
 def read_store(store: Any, group: str | None) -> StoreState | None:
     """The group's arrays and index coordinates (None if the group does not exist)."""
     import zarr
@@ -415,13 +390,7 @@ def resolve_region(
 def _auto_region(dim: str, template: xr.Dataset, state: StoreState) -> slice:
     size = int(template.sizes[dim])
     if dim not in template.indexes or dim not in state.dataset.indexes:
-        if size == state.sizes[dim]:
-            return slice(0, size)
-        raise InvalidRegionError(
-            f"cannot find where the dataset goes along {dim!r}: it has no index coordinate "
-            f"{dim!r} (in the dataset and the store) and its size {size} differs from the "
-            f"store's {state.sizes[dim]}; give region={{{dim!r}: slice(start, stop)}}"
-        )
+        return slice(0, size)  # an unindexed dimension: from the start, as xarray places it
     index = pd.Index(state.dataset.indexes[dim])
     positions = index.get_indexer(template.indexes[dim])
     if (positions < 0).any():
@@ -561,8 +530,13 @@ def metadata_dataset(
             stand_in.encoding = dict(decided[name])
         meta[name] = stand_in
     if eager is not None and eager is not template:
+        # Values from the loader; dims, attributes and encoding are the template's.
         for name in info.eager_vars:
-            meta[name] = eager[name].variable.copy(deep=False)
+            var = template[name].variable
+            loaded = var.copy(deep=False, data=eager[name].variable.data)
+            if name in decided and name not in param:
+                loaded.encoding = dict(decided[name])
+            meta[name] = loaded
     lazy = [
         str(n)
         for n, v in meta.variables.items()

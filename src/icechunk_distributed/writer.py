@@ -47,6 +47,7 @@ from icechunk_distributed.task import (
     TaskInput,
     TaskOutput,
     run_task,
+    same_dtype,
     write_variables,
 )
 from icechunk_distributed.template import (
@@ -56,7 +57,6 @@ from icechunk_distributed.template import (
     check_labels,
     decide_encodings,
     describe_template,
-    group_exists,
     is_time_like,
     metadata_dataset,
     read_store,
@@ -315,6 +315,12 @@ class RegionWriter:
                     f"{where} already holds {sorted(present)}; mode='w-' only creates. Use "
                     "mode='w' to overwrite, 'r+' to write into them, or 'a' to append."
                 )
+            if state is not None:
+                raise TemplateMismatchError(
+                    f"{where} already exists; mode='w-' only creates a new group (as in "
+                    "Dataset.to_zarr). Use mode='a' to add variables to it, or mode='w' to "
+                    "replace it."
+                )
             return {}, {}
         if state is None:
             if self.mode == "r+" or self.append_dim is not None:
@@ -324,12 +330,13 @@ class RegionWriter:
                 )
             return {}, {}
         self._existing = tuple(present)
-        if self.mode == "r+":
+        if self.mode == "r+" or self.region is not None:
             missing = [n for n in names if n not in state.units]
             if missing:
                 raise TemplateMismatchError(
-                    f"variable {missing[0]!r} is not in the store ({where}); mode='r+' only "
-                    "writes into existing arrays. Use mode='a' to add variables."
+                    f"variable {missing[0]!r} is not in the store ({where}); mode='r+' and "
+                    "region= only write into existing arrays. Use mode='a' without region= "
+                    "to add variables."
                 )
         if self.encoding:
             given = sorted(set(self.encoding) & set(present))
@@ -351,7 +358,7 @@ class RegionWriter:
             loose = [
                 str(n)
                 for n, v in self.template.variables.items()
-                if n not in self.template.indexes and not set(self._placed) & set(map(str, v.dims))
+                if not set(self._placed) & set(map(str, v.dims))
             ]
             if loose:
                 raise TemplateMismatchError(
@@ -598,10 +605,11 @@ class RegionWriter:
                 "variables the tasks do not write are read from it once"
             )
         for name in names:
-            if data[name].shape != self.template[name].shape:
+            got, want = data[name], self.template[name]
+            if got.shape != want.shape or not same_dtype(got.dtype, want.dtype):
                 raise TemplateMismatchError(
-                    f"the loader returned {name!r} with shape {data[name].shape}, the "
-                    f"template has {self.template[name].shape}"
+                    f"the loader returned {name!r} with shape {got.shape} and dtype "
+                    f"{got.dtype}; the template has {want.shape} and {want.dtype}"
                 )
         return data
 
@@ -619,15 +627,12 @@ class RegionWriter:
             self.template, info, self._decided, self.encoding, eager=eager
         )
         store = self._base_store()
-        mode: Mode = self.mode
-        if mode == "w-" and group_exists(store, self.group):
-            mode = "a"  # the group exists without these arrays (checked): add them
         write_metadata(
             store,
             meta,
             encoding,
             group=self.group,
-            mode=mode,
+            mode=self.mode,
             append_dim=self.append_dim,
             region=self._placed or None,
         )
