@@ -254,7 +254,9 @@ def test_concurrent_committer_on_other_chunks_both_survive(engine, storage):
         zarr.open_array(s.store, path="elsewhere/other", mode="r+")[:] = 7
 
     progress, made = commit_on_first_result(repo, change)
-    run_region_writes(load_region, repo, **RUN, executor=engine, progress=progress)
+    # mode "a": the root group exists (it holds "elsewhere"); "w-" would be refused, as by
+    # Dataset.to_zarr.
+    run_region_writes(load_region, repo, **RUN, mode="a", executor=engine, progress=progress)
     after = history(repo)
     assert after[2:] == before and after[1] == made[0]  # theirs, then ours on top
     xr.testing.assert_identical(read_back(repo), full_dataset())
