@@ -25,6 +25,7 @@ __all__ = [
     "build_plan",
     "check_slice",
     "default_region_dims",
+    "dims_of_regions",
     "format_region",
     "parse_bytes",
     "validate_regions",
@@ -169,6 +170,12 @@ def default_region_dims(
     return tuple(out)
 
 
+def dims_of_regions(regions: Sequence[Mapping[str, Any]], order: Sequence[str]) -> tuple[str, ...]:
+    """The dims explicit ``regions`` name: in ``order``, then any others (sorted)."""
+    keys = {str(d) for r in regions for d in r}
+    return tuple([d for d in order if d in keys] + sorted(keys - set(order)))
+
+
 def build_plan(
     *,
     dims: Mapping[str, tuple[str, ...]],
@@ -187,11 +194,7 @@ def build_plan(
     offsets = dict(offsets or {})
     if region_dims is None:
         if regions:
-            order = list(sizes)
-            region_dims = sorted(
-                {d for r in regions for d in r},
-                key=lambda d: order.index(d) if d in order else len(order),
-            )
+            region_dims = dims_of_regions(regions, list(sizes))
         else:
             region_dims = default_region_dims(dims, units, sizes)
     region_dims = tuple(region_dims)

@@ -37,7 +37,7 @@ from icechunk_distributed.errors import (
     TemplateMismatchError,
     UnpicklableSourceError,
 )
-from icechunk_distributed.planning import Region, WritePlan, build_plan
+from icechunk_distributed.planning import Region, WritePlan, build_plan, dims_of_regions
 from icechunk_distributed.planning import format_region as _fmt
 from icechunk_distributed.runner import Backups, ProgressEvent, run_batch, run_loop
 from icechunk_distributed.runs import plan_digest
@@ -418,9 +418,7 @@ class RegionWriter:
             self._decided = decide_encodings(self.template, self.encoding, existing=self._existing)
             region_dims = self.region_dims
             if region_dims is None and self.regions is not None:
-                order = [str(d) for d in self.template.dims]
-                keys = {d for r in self.regions for d in r}
-                region_dims = tuple([d for d in order if d in keys] + sorted(keys - set(order)))
+                region_dims = dims_of_regions(self.regions, [str(d) for d in self.template.dims])
             if region_dims is not None and self.append_dim and self.append_dim not in region_dims:
                 # Appending always splits along the append dim: tasks write into the grown
                 # part of the arrays, never over what is there.
