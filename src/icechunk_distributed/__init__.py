@@ -25,6 +25,7 @@ from icechunk_distributed.errors import (
     TargetMovedError,
     TemplateMismatchError,
     UnpicklableSourceError,
+    UnshareableStorageError,
 )
 from icechunk_distributed.runner import Backups, ProgressEvent
 from icechunk_distributed.runs import (
@@ -78,6 +79,7 @@ __all__ = [
     "TaskRecord",
     "TemplateMismatchError",
     "UnpicklableSourceError",
+    "UnshareableStorageError",
     "WriteResult",
     "__version__",
     "allow_pickling",

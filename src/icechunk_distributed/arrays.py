@@ -204,7 +204,8 @@ def store_arrays(
                 full = {d: region.get(d, slice(0, plan.sizes[d])) for d in dims}
                 data = srcs[k][tuple(full[d] for d in dims)]
                 placed = plan.absolute(full)  # in the target's coordinates
-                return _ArrayTask(snapshot._fresh(), path, dims, placed, data, plan.units[path])
+                snap = snapshot.copy_for_task()
+                return _ArrayTask(snap, path, dims, placed, data, plan.units[path])
 
             def on_success(i: int, out: TaskOutput, attempts: int) -> None:
                 merge_sessions(session, out.snapshot)

@@ -28,6 +28,7 @@ __all__ = [
     "TargetMovedError",
     "TemplateMismatchError",
     "UnpicklableSourceError",
+    "UnshareableStorageError",
 ]
 
 
@@ -47,11 +48,20 @@ class DistributedWriteError(Exception):
         return (_rebuild, (type(self), self.args, dict(self.__dict__)))
 
 
-class PicklingNotAllowedError(DistributedWriteError, pickle.PicklingError):
+class PicklingNotAllowedError(DistributedWriteError, pickle.PicklingError, ValueError):
     """A writable session was pickled outside an ``allow_pickling()`` block.
 
     Shipping a writable session to a worker is only safe as a fork whose writes are merged
-    back; ``allow_pickling()`` makes that fork and says when shipping is allowed.
+    back; ``allow_pickling()`` makes that fork and says when shipping is allowed. It is a
+    ``ValueError`` too, as icechunk's own refusal to pickle a writable session is.
+    """
+
+
+class UnshareableStorageError(PicklingNotAllowedError):
+    """The repository's storage cannot reach another process (in-memory storage).
+
+    A pickled copy of an in-memory repository opens a new, empty store, so a task in another
+    process would fail to read it and its writes would be lost. Raised before anything runs.
     """
 
 

@@ -25,16 +25,12 @@ be pickled again (that is how results travel home).
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
-import json
-import os
 import pickle
 import threading
 import time
 import uuid
 import weakref
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -43,16 +39,16 @@ from icechunk import ForkSession, Session
 
 from icechunk_distributed.errors import (
     CommitConflictError,
-    ForeignSessionError,
-    ForkStartMethodError,
     NotASnapshotError,
-    OverlappingWritesError,
     PicklingNotAllowedError,
     SessionStateError,
+    UnshareableStorageError,
 )
+from icechunk_distributed.forks import Changes, Fork, claim_process, read_key
+from icechunk_distributed.merge import Item, Ledger, Lineage, Target, merge_forks
 
 if TYPE_CHECKING:
-    from collections.abc import Collection, Iterable, Iterator
+    from collections.abc import Iterable, Iterator
 
     from icechunk import IcechunkStore, Repository
     from icechunk.conflicts import ConflictSolver
@@ -66,8 +62,6 @@ __all__ = [
     "writable_session",
 ]
 
-ChunkCoords = tuple[int, ...]
-
 _PICKLING_FIX = (
     "Ship it inside an allow_pickling() block and merge what the tasks return:\n\n"
     "    with session.allow_pickling():\n"
@@ -77,157 +71,44 @@ _PICKLING_FIX = (
 )
 
 # ---------------------------------------------------------------------------------------------
-# The `fork` start method: icechunk's runtime does not survive it.
-
-_USED_IN_PID: int | None = None
+# The seed: the fork every task of one block starts from.
 
 
-def _claim_process() -> None:
-    """Record that this process uses icechunk; fail fast in a child forked after such use.
+class _Seed:
+    """A fork of the base, made once per block, from which every task's fork is made.
 
-    Module state is inherited by a ``fork`` child and fresh in a ``spawn``/``forkserver`` one,
-    so a recorded pid that is not ours means we were forked from a process that had already
-    started icechunk's runtime: any icechunk call here would hang.
-    """
-    global _USED_IN_PID
-    pid = os.getpid()
-    if _USED_IN_PID is None:
-        _USED_IN_PID = pid
-    elif pid != _USED_IN_PID:
-        raise ForkStartMethodError(
-            f"This process (pid {pid}) was started with the 'fork' method from a process "
-            f"(pid {_USED_IN_PID}) that had already used icechunk; icechunk would hang here. "
-            "Start workers with 'spawn' or 'forkserver' instead, for example "
-            "ProcessPoolExecutor(mp_context=multiprocessing.get_context('forkserver')) "
-            "(or get_context('spawn')); with joblib use the default 'loky' backend."
-        )
-
-
-# ---------------------------------------------------------------------------------------------
-# What a fork changed, in a form that is cheap to ship and to compare.
-
-
-@dataclass(frozen=True, slots=True)
-class _Changes:
-    """The chunks and node metadata a fork changed (paths are absolute, like ``/temp``)."""
-
-    chunks: dict[str, list[ChunkCoords]]
-    nodes: frozenset[str]
-    new_nodes: frozenset[str]
-
-    @staticmethod
-    def of(session: Session) -> _Changes:
-        diff = session.status()
-        new = diff.new_arrays | diff.new_groups
-        nodes = new | diff.updated_arrays | diff.updated_groups
-        nodes |= diff.deleted_arrays | diff.deleted_groups
-        chunks = {path: [tuple(c) for c in coords] for path, coords in diff.updated_chunks.items()}
-        return _Changes(chunks=chunks, nodes=frozenset(nodes), new_nodes=frozenset(new))
-
-    def is_empty(self) -> bool:
-        return not self.chunks and not self.nodes
-
-    def n_chunks(self) -> int:
-        return sum(len(c) for c in self.chunks.values())
-
-
-class _Fork:
-    """One icechunk fork, alive in this process or still as bytes from a pickle.
-
-    A *live* fork is one this process writes through (a thread's fork): it may still change,
-    so its changes are recomputed at every merge and merging it again merges its new writes
-    (icechunk re-merges a fork idempotently). A fork that arrived by pickle is frozen: its
-    ``uid`` survives pickling, so the same result reaching the coordinator twice is merged
-    once, and its ``changes``, computed in the worker, travel with the bytes (recomputing them
-    here would load the snapshot once per fork).
+    In the process that made it, the fork itself is kept: a task's fork there is a fork of
+    it (no pickling, and in-memory storage keeps working). Elsewhere it is the pickled bytes.
     """
 
-    __slots__ = ("_blob", "_changes", "_session", "live", "uid")
+    __slots__ = ("_blob", "_session", "lineage")
 
     def __init__(
-        self,
-        *,
-        uid: str,
-        session: ForkSession | None = None,
-        blob: bytes | None = None,
-        changes: _Changes | None = None,
-        live: bool = False,
+        self, lineage: Lineage, *, session: ForkSession | None = None, blob: bytes | None = None
     ) -> None:
-        self.uid = uid
+        self.lineage = lineage
         self._session = session
         self._blob = blob
-        self._changes = changes
-        self.live = live
 
-    def session(self) -> ForkSession:
-        if self._session is None:
-            assert self._blob is not None
-            _claim_process()
-            self._session = pickle.loads(self._blob)
-            self._blob = None
-        return self._session
+    def blob(self) -> bytes:
+        if self._blob is None:
+            assert self._session is not None
+            self._blob = pickle.dumps(self._session)
+        return self._blob
 
-    def store(self) -> IcechunkStore:
-        return self.session().store
-
-    def changes(self) -> _Changes:
-        if self._changes is None or self.live:
-            self._changes = _Changes.of(self.session())
-        return self._changes
-
-    def has_changes(self) -> bool:
-        if self._changes is not None and not self.live:
-            return not self._changes.is_empty()
-        return self.session().has_uncommitted_changes
-
-    def export(self) -> tuple[str, bytes, _Changes]:
-        session = self.session()
-        return (self.uid, pickle.dumps(session), self.changes())
+    def new_fork(self) -> Fork:
+        """A new live fork of the base as it was when the seed was made."""
+        if self._session is not None:
+            session = self._session.fork()  # a fork of a clean fork writes nothing
+            return Fork(uid=uuid.uuid4().hex, seen=self.lineage.version, session=session, live=True)
+        return Fork(uid=uuid.uuid4().hex, seen=self.lineage.version, blob=self.blob(), live=True)
 
 
-# ---------------------------------------------------------------------------------------------
-# Lineage: where a snapshot comes from.
-
-
-@dataclass(frozen=True, slots=True)
-class _Lineage:
-    """Identifies the base session a snapshot was made from, and that base's state then."""
-
-    token: str
-    generation: int
-    branch: str | None
-    base_snapshot_id: str
-
-    def describe(self) -> str:
-        return f"branch {self.branch!r} at snapshot {self.base_snapshot_id}"
-
-    def same_base(self, other: _Lineage, checkpoints: Collection[str] = ()) -> bool:
-        """Same base session, with no commit, discard or rebase in between.
-
-        ``checkpoints``: the base's earlier snapshot ids that it left by a checkpoint (see
-        :meth:`DistributedSession._checkpoint`), which keeps forks made before it valid. Any
-        other change of snapshot id (a rebase of a plain session, say) makes them stale.
-        """
-        return (
-            self.token == other.token
-            and self.generation == other.generation
-            and (
-                self.base_snapshot_id == other.base_snapshot_id
-                or self.base_snapshot_id in checkpoints
-            )
-        )
-
-
-class _Ledger:
-    """What has been merged into one target: for overlap checks across merge calls."""
-
-    __slots__ = ("chunks", "merged", "nodes")
-
-    def __init__(self) -> None:
-        # path -> chunk -> uid of the fork that wrote it (a live fork may rewrite its own)
-        self.chunks: dict[str, dict[ChunkCoords, str]] = {}
-        self.nodes: dict[str, str] = {}
-        self.merged: set[str] = set()
+@dataclass(slots=True)
+class _ThreadFork:
+    fork: Fork
+    lineage: Lineage
+    thread: threading.Thread
 
 
 class _Coordinator:
@@ -237,14 +118,20 @@ class _Coordinator:
         self.token = uuid.uuid4().hex
         self.generation = 0
         self._session_ref = weakref.ref(session)
-        self._lock = threading.RLock()
-        self._seed: tuple[_Lineage, bytes] | None = None
+        self.lock = threading.RLock()
+        self._seed: _Seed | None = None
+        self._shareable: bool | None = None
         self.window_open = False
         self.current: SessionSnapshot | None = None
-        self.ledger = _Ledger()
-        self.thread_forks: dict[int, _Fork] = {}
-        self.tracks_lifecycle = False  # True when a DistributedSession sees every commit
+        self.ledger = Ledger()
         self.checkpoints: set[str] = set()  # snapshot ids left by checkpoints, this generation
+        # DistributedSession's per-thread forks, the retired ones (for the commit-time check
+        # that nothing was written through them since) and the forks merged while an older
+        # thread fork is live (merged again after it, so that later writes stay last).
+        self.thread_forks: dict[int, _ThreadFork] = {}
+        self.retired: list[tuple[Fork, tuple[int, int]]] = []
+        self.history: list[Fork] = []
+        self.storage: str | None = None  # the repository's storage, when known
 
     def base(self) -> Session:
         session = self._session_ref()
@@ -252,31 +139,56 @@ class _Coordinator:
             raise SessionStateError("the session this snapshot was made from no longer exists")
         return session
 
-    def lineage(self) -> _Lineage:
+    def lineage(self) -> Lineage:
         base = self.base()
-        return _Lineage(self.token, self.generation, base.branch, base.snapshot_id)
+        return Lineage(
+            self.token, self.generation, base.branch, base.snapshot_id, self.ledger.version
+        )
 
-    def seed(self) -> tuple[_Lineage, bytes]:
-        """The clean fork every task starts from; made once until the base changes."""
-        with self._lock:
+    def seed(self) -> _Seed:
+        """A fork of the base as it is now; made again only after the base changed."""
+        with self.lock:
+            self.absorb_threads()  # the new seed must see what threads wrote
             base = self.base()
             lineage = self.lineage()
-            if self._seed is None or self._seed[0] != lineage:
+            if self._seed is None or self._seed.lineage != lineage:
                 if base.read_only:
                     raise SessionStateError(
                         "the session is read-only (was it committed?); open a new writable "
                         "session with writable_session(repo, branch) to write more"
                     )
-                _claim_process()
-                # Forking a dirty session writes an anonymous snapshot: do it once, not per task.
-                self._seed = (lineage, pickle.dumps(base.fork()))
+                claim_process()
+                # Forking a dirty session writes an anonymous snapshot: once per state.
+                self._seed = _Seed(lineage, session=base.fork())
             return self._seed
 
-    def invalidate_seed(self) -> None:
-        with self._lock:
-            self._seed = None
+    def touched(self) -> None:
+        """The base may be written through directly: forks made from now on must see it."""
+        with self.lock:
+            self.ledger.version += 1
 
-    def check_window(self, lineage: _Lineage | None) -> None:
+    def check_shareable(self) -> None:
+        """Refuse storage that a pickled copy cannot reach (in-memory storage), once."""
+        with self.lock:
+            if self._shareable is None:
+                copy: ForkSession = pickle.loads(self.seed().blob())
+                try:
+                    read_key(copy, "zarr.json")
+                    self._shareable = True
+                except icechunk.IcechunkError:
+                    self._shareable = False
+            if not self._shareable:
+                raise UnshareableStorageError(
+                    "This session's repository is in memory (icechunk.in_memory_storage()): "
+                    "a copy shipped to another process opens a new, empty store, so the "
+                    "tasks there could not read it and their writes would be lost. Use it "
+                    "with executor='serial' or 'threads' (or a ThreadPoolExecutor), or put "
+                    "the repository on storage every worker can reach: "
+                    "icechunk.local_filesystem_storage(path) on one machine, object storage "
+                    "(s3_storage, gcs_storage, ...) for a cluster."
+                )
+
+    def check_window(self, lineage: Lineage | None) -> None:
         base = self.base()
         if not self.window_open:
             raise PicklingNotAllowedError(
@@ -293,41 +205,112 @@ class _Coordinator:
                 "changes or been rebased since the snapshot was made: its tasks would write "
                 "against an outdated base. Open a new allow_pickling() block. " + _PICKLING_FIX
             )
+        self.check_shareable()
 
     def rebind(self, session: Session, left: str) -> None:
         """A checkpoint committed the base (at ``left``); ``session`` continues it."""
-        with self._lock:
+        with self.lock:
             self.checkpoints.add(left)
             self._session_ref = weakref.ref(session)
             self._seed = None
             self.thread_forks = {}
+            self.history = []
             if self.current is not None:  # tasks built from now on fork the new base
-                self.current._seed = self.current._lineage = None
+                self.current._seed = None
 
     def next_generation(self) -> None:
         """The base committed or discarded: every earlier snapshot is now stale."""
-        with self._lock:
+        with self.lock:
             self.generation += 1
             self._seed = None
             self.window_open = False
             self.current = None
-            self.ledger = _Ledger()
+            self.ledger = Ledger(version=self.ledger.version + 1)
             self.thread_forks = {}
+            self.retired = []
+            self.history = []
             self.checkpoints = set()
 
-    def thread_fork(self) -> _Fork:
-        ident = threading.get_ident()
-        with self._lock:
-            fork = self.thread_forks.get(ident)
-            if fork is None:
-                _, blob = self.seed()
-                fork = _Fork(uid=uuid.uuid4().hex, blob=blob, live=True)
-                self.thread_forks[ident] = fork
-            return fork
+    # -- merges into the base
+    def target(self) -> Target:
+        checkpoints = frozenset(self.checkpoints)
+        return Target(
+            self.base(), self.lineage(), self.ledger, "the session", checkpoints, self.storage
+        )
 
-    def live_thread_forks(self) -> list[_Fork]:
-        with self._lock:
-            return list(self.thread_forks.values())
+    def merge(self, items: list[Item]) -> list[Fork]:
+        """Merge into the base; forks merged while an older thread fork lives are kept."""
+        with self.lock:
+            merged = merge_forks(self.target(), items, replay=self.history)
+            oldest = min((t.fork.seen or 0 for t in self.thread_forks.values()), default=None)
+            if oldest is None:
+                self.history = []
+            else:
+                seen = self.ledger.seen_of
+                ours = {t.fork.uid for t in self.thread_forks.values()}
+                kept = [f for f in self.history if seen(f) > oldest]
+                kept += [f for f in merged if f.uid not in ours and seen(f) > oldest]
+                self.history = kept
+            return merged
+
+    def absorb_threads(self) -> None:
+        """Merge what every thread fork wrote (they stay live: a thread may write on)."""
+        with self.lock:
+            items: list[Item] = [
+                (t.fork, t.lineage, "a thread's fork") for t in self.thread_forks.values()
+            ]
+            if items:
+                self.merge(items)
+            for ident, record in list(self.thread_forks.items()):
+                if not record.thread.is_alive():  # it will not write again
+                    self.retire(ident)
+
+    def retire(self, ident: int) -> None:
+        """This thread's fork is done (the thread is back for a new store, or has ended)."""
+        record = self.thread_forks.pop(ident)
+        # Even a fork that wrote nothing is watched: a store kept from it may still write.
+        changes = record.fork.seal()
+        self.retired.append((record.fork, changes.size()))
+        if not changes.is_empty():
+            self.history.append(record.fork)
+
+    def thread_store(self) -> IcechunkStore:
+        """This thread's store: a fork that sees every write merged so far."""
+        ident = threading.get_ident()
+        me = threading.current_thread()
+        with self.lock:
+            # Everything written by any thread so far is merged, so this thread's new fork
+            # sees it. The caller's own earlier writes are finished (it is here), as are
+            # those of ended threads: their forks retire. (A new thread may reuse the ident
+            # of an ended one, hence the comparison of thread objects.)
+            self.absorb_threads()
+            for i, other in list(self.thread_forks.items()):
+                done = (
+                    other.fork.has_changes() if other.thread is me else not other.thread.is_alive()
+                )
+                if done:
+                    self.retire(i)
+            mine = self.thread_forks.get(ident)
+            if mine is not None and (mine.fork.seen or 0) < self.ledger.version:
+                self.retire(ident)  # it wrote nothing, but others did since it was made
+                mine = None
+            if mine is None:
+                seed = self.seed()
+                mine = _ThreadFork(seed.new_fork(), seed.lineage, me)
+                self.thread_forks[ident] = mine
+            return mine.fork.store()
+
+    def check_retired(self) -> None:
+        """Refuse to commit if a thread wrote through a store its fork no longer backs."""
+        for fork, size in self.retired:
+            now = Changes.of(fork.session()).size()
+            if now != size:
+                raise SessionStateError(
+                    "A thread wrote through a DistributedSession store it had taken before "
+                    f"it took session.store again ({now[0] - size[0]} chunk(s) more); those "
+                    "writes would be lost. Take session.store inside each task, once per task, "
+                    "and do not keep a store from one task to the next."
+                )
 
 
 _PLAIN: dict[int, _Coordinator] = {}
@@ -352,11 +335,11 @@ def _coordinator_for(session: Session) -> _Coordinator:
 
 def _rebuild_snapshot(state: dict[str, Any]) -> SessionSnapshot:
     snap = SessionSnapshot.__new__(SessionSnapshot)
+    lineage: Lineage = state["lineage"]
     snap._init(
         coordinator=None,
-        lineage=state["lineage"],
-        seed=state["seed"],
-        carried=[_Fork(uid=u, blob=b, changes=c) for u, b, c in state["forks"]],
+        seed=_Seed(lineage, blob=state["seed"]),
+        carried=[Fork(uid=u, seen=v, blob=b, changes=c) for u, v, b, c in state["forks"]],
     )
     return snap
 
@@ -376,59 +359,71 @@ class SessionSnapshot:
     """
 
     _coordinator: _Coordinator | None
-    _lineage: _Lineage | None
-    _seed: bytes | None
-    _live: dict[int, _Fork]
-    _carried: list[_Fork]
-    _ledger: _Ledger
+    _seed: _Seed | None
+    _live: dict[int, Fork]
+    _carried: list[Fork]
+    _ledger: Ledger
     _lock: threading.Lock
 
     def __init__(self) -> None:
         raise TypeError("use allow_pickling(session) to make a SessionSnapshot")
 
     def _init(
-        self,
-        *,
-        coordinator: _Coordinator | None,
-        lineage: _Lineage | None,
-        seed: bytes | None,
-        carried: list[_Fork],
+        self, *, coordinator: _Coordinator | None, seed: _Seed | None, carried: list[Fork]
     ) -> None:
         self._coordinator = coordinator
-        self._lineage = lineage
         self._seed = seed
         self._live = {}
         self._carried = carried
-        self._ledger = _Ledger()
+        self._ledger = Ledger()
         self._lock = threading.Lock()
 
     @classmethod
     def _new(cls, coordinator: _Coordinator) -> SessionSnapshot:
         snap = cls.__new__(cls)
-        snap._init(coordinator=coordinator, lineage=None, seed=None, carried=[])
+        snap._init(coordinator=coordinator, seed=None, carried=[])
         return snap
 
-    # -- the seed is made lazily, the first time the snapshot is shipped or written through
-    def _ensure_seed(self) -> tuple[_Lineage, bytes]:
-        if self._seed is None or self._lineage is None:
-            assert self._coordinator is not None
-            self._lineage, self._seed = self._coordinator.seed()
-        return self._lineage, self._seed
+    # -- the seed is made lazily, the first time the snapshot is shipped or written through:
+    # every task of the block then starts from the session as it was at that moment.
+    def _ensure_seed(self) -> _Seed:
+        with self._lock:
+            if self._seed is None:
+                assert self._coordinator is not None
+                self._seed = self._coordinator.seed()
+            return self._seed
 
-    def _fresh(self) -> SessionSnapshot:
-        """A copy as a worker would receive it: same lineage and seed, no forks yet."""
-        lineage, seed = self._ensure_seed()
-        return _rebuild_snapshot({"lineage": lineage, "seed": seed, "forks": []})
+    @property
+    def lineage(self) -> Lineage:
+        """Where the snapshot comes from (session, branch, snapshot id, version)."""
+        return self._ensure_seed().lineage
 
-    def _live_fork(self) -> _Fork:
+    def copy_for_task(self) -> SessionSnapshot:
+        """A copy as a worker receives it: the same seed, no forks yet.
+
+        In this process it forks the seed directly, without a pickle round trip.
+        """
+        snap = SessionSnapshot.__new__(SessionSnapshot)
+        snap._init(coordinator=None, seed=self._ensure_seed(), carried=[])
+        return snap
+
+    def _live_fork(self) -> Fork:
         ident = threading.get_ident()
+        seed = self._ensure_seed()
         with self._lock:
             fork = self._live.get(ident)
             if fork is None:
-                _, seed = self._ensure_seed()
-                fork = _Fork(uid=uuid.uuid4().hex, blob=seed, live=True)
+                fork = seed.new_fork()
                 self._live[ident] = fork
         return fork
+
+    def seal(self) -> Changes:
+        """This thread is done writing through the snapshot: freeze its fork.
+
+        Returns what the fork changed. The changes are computed once, here (in the worker),
+        and travel with the snapshot, so the merge need not ask icechunk again.
+        """
+        return self._live_fork().seal()
 
     @property
     def store(self) -> IcechunkStore:
@@ -443,14 +438,14 @@ class SessionSnapshot:
     @property
     def branch(self) -> str | None:
         """The branch of the session this snapshot was made from."""
-        return self._ensure_seed()[0].branch
+        return self.lineage.branch
 
     @property
     def base_snapshot_id(self) -> str:
         """The snapshot id the base session was at when this snapshot was made."""
-        return self._ensure_seed()[0].base_snapshot_id
+        return self.lineage.base_snapshot_id
 
-    def _all_forks(self) -> list[_Fork]:
+    def _all_forks(self) -> list[Fork]:
         with self._lock:
             return [*self._carried, *self._live.values()]
 
@@ -465,14 +460,15 @@ class SessionSnapshot:
 
     def __reduce__(self) -> tuple[Any, ...]:
         if self._coordinator is not None:
-            self._coordinator.check_window(self._lineage)
-        lineage, seed = self._ensure_seed()
+            self._coordinator.check_window(self._seed.lineage if self._seed else None)
+        seed = self._ensure_seed()
         forks = [f.export() for f in self._all_forks() if f.has_changes()]
-        return (_rebuild_snapshot, ({"lineage": lineage, "seed": seed, "forks": forks},))
+        state = {"lineage": seed.lineage, "seed": seed.blob(), "forks": forks}
+        return (_rebuild_snapshot, (state,))
 
     def __repr__(self) -> str:
         where = "coordinator" if self._coordinator is not None else "shipped"
-        lineage = self._lineage.describe() if self._lineage else "not yet forked"
+        lineage = self._seed.lineage.describe() if self._seed else "not yet forked"
         n = len(self._carried) + len(self._live)
         return f"<SessionSnapshot ({where}) of {lineage}, {n} fork(s)>"
 
@@ -518,12 +514,14 @@ class DistributedSession:
             raise SessionStateError(
                 "DistributedSession needs a writable session: use repo.writable_session(branch)"
             )
-        _claim_process()
+        claim_process()
         self._session = session
         self._repository = repository
         self._owner = threading.get_ident()
         self._coordinator = _Coordinator(session)
-        self._coordinator.tracks_lifecycle = True
+        if repository is not None:
+            # icechunk names a storage in its repr ("type: local filesystem", "path: ...").
+            self._coordinator.storage = ", ".join(repr(repository.storage).splitlines()[1:])
 
     # -- icechunk Session surface
     @property
@@ -538,12 +536,24 @@ class DistributedSession:
 
     @property
     def store(self) -> IcechunkStore:
-        """The zarr store: the session's own on the owner thread, a per-thread fork elsewhere."""
+        """The zarr store: the session's own on the owner thread, a per-thread fork elsewhere.
+
+        Either way it sees every write made through this session on any thread so far.
+        """
         if threading.get_ident() == self._owner:
-            # The owner may write through it: forks made from now on must see those writes.
-            self._coordinator.invalidate_seed()
-            return self._session.store
-        return self._coordinator.thread_fork().store()
+            return self.direct_store()
+        return self._coordinator.thread_store()
+
+    def direct_store(self) -> IcechunkStore:
+        """The wrapped session's own store, from any thread.
+
+        Thread forks are merged first, and forks made afterwards see what is written through
+        it. Do not write through it while other threads write through this session.
+        """
+        self._absorb_threads()
+        # The caller may write through it: forks made from now on must see those writes.
+        self._coordinator.touched()
+        return self._session.store
 
     @property
     def snapshot_id(self) -> str:
@@ -594,6 +604,7 @@ class DistributedSession:
         After the commit every earlier snapshot is stale: pickling or merging one raises.
         """
         self._absorb_threads()
+        self._coordinator.check_retired()
         try:
             return self._session.commit(
                 message,
@@ -655,10 +666,20 @@ class DistributedSession:
         self._coordinator.next_generation()
 
     def __getattr__(self, name: str) -> Any:
-        # Everything else (config, move, chunk_type, ...) is the wrapped session's.
+        # Everything else (config, move, chunk_coordinates, ...) is the wrapped session's;
+        # it must see what threads wrote, as the session's own reads would.
         if name.startswith("_"):
             raise AttributeError(name)
+        if not self._session.read_only:
+            self._absorb_threads()
         return getattr(self._session, name)
+
+    def check_shareable(self) -> None:
+        """Raise :class:`UnshareableStorageError` if tasks in other processes cannot use it.
+
+        In-memory storage cannot cross processes: a pickled copy opens a new, empty store.
+        """
+        self._coordinator.check_shareable()
 
     # -- distribution
     def allow_pickling(self) -> contextlib.AbstractContextManager[SessionSnapshot]:
@@ -690,10 +711,8 @@ class DistributedSession:
         return coord.current.__reduce__()
 
     def _absorb_threads(self) -> None:
-        # Thread forks stay attached until the next commit: a thread may still write to one.
-        forks = [f for f in self._coordinator.live_thread_forks() if f.has_changes()]
-        if forks:
-            _merge_forks(_target_of(self), [(f, None, "a thread's fork") for f in forks])
+        # A thread fork stays live until its thread takes store again: it may still write.
+        self._coordinator.absorb_threads()
 
     def __repr__(self) -> str:
         state = "read-only" if self._session.read_only else "writable"
@@ -728,7 +747,7 @@ def _pickling_window(coord: _Coordinator) -> Iterator[SessionSnapshot]:
         raise SessionStateError(
             "allow_pickling() needs a writable session; this one is read-only (committed?)"
         )
-    _claim_process()
+    claim_process()
     snap = SessionSnapshot._new(coord)
     previous = coord.current
     coord.current = snap
@@ -778,41 +797,29 @@ def allow_pickling(
 # merge_sessions
 
 
-@dataclass
-class _Target:
-    """Where merged forks go, and what may be merged into it."""
-
-    session: Session
-    lineage: _Lineage | None  # what snapshots must descend from; None: check node ids only
-    ledger: _Ledger
-    describe: str
-    checkpoints: frozenset[str] = frozenset()
-
-
-def _target_of(base: object) -> _Target:
+def _target_of(base: object) -> tuple[Target, _Coordinator | None]:
     if isinstance(base, DistributedSession):
-        return _session_target(base._session, base._coordinator)
+        coord = base._coordinator
+        return coord.target(), coord
     if isinstance(base, SessionSnapshot):
         fork = base._live_fork()
-        lineage = base._ensure_seed()[0]
-        return _Target(fork.session(), lineage, base._ledger, "the snapshot")
+        lineage = base.lineage
+        if base._ledger.version < lineage.version:  # forks of this block were made at it
+            base._ledger.version = lineage.version
+        return Target(fork.session(), lineage, base._ledger, "the snapshot"), None
     if isinstance(base, ForkSession):
-        return _Target(base, None, _Ledger(), "the fork")
+        return Target(base, None, Ledger(), "the fork"), None
     if isinstance(base, Session):
         if base.read_only:
             raise SessionStateError(
                 "merge_sessions() needs a writable base session; this one is read-only"
             )
-        return _session_target(base, _coordinator_for(base))
+        coord = _coordinator_for(base)
+        return coord.target(), coord
     raise TypeError(
         "merge_sessions() merges into a DistributedSession, a writable icechunk Session, a "
         f"SessionSnapshot or a ForkSession, not {type(base).__name__}"
     )
-
-
-def _session_target(session: Session, coord: _Coordinator) -> _Target:
-    checkpoints = frozenset(coord.checkpoints)
-    return _Target(session, coord.lineage(), coord.ledger, "the session", checkpoints)
 
 
 def _flatten(items: Iterable[Any]) -> Iterator[Any]:
@@ -823,22 +830,19 @@ def _flatten(items: Iterable[Any]) -> Iterator[Any]:
             yield item
 
 
-_Item = tuple[_Fork, _Lineage | None, str]
-
-
-def _collect(base: object, sessions: Iterable[Any]) -> list[_Item]:
+def _collect(base: object, sessions: Iterable[Any]) -> list[Item]:
     """Turn merge_sessions' arguments into forks, each with its lineage (if known)."""
-    out: list[_Item] = []
+    out: list[Item] = []
     seen_objects: set[int] = set()
     for n, obj in enumerate(_flatten(sessions)):
         if id(obj) in seen_objects or obj is base:
             continue  # the same object returned by many tasks; the base itself
         seen_objects.add(id(obj))
         if isinstance(obj, SessionSnapshot):
-            lineage = obj._lineage
+            lineage = obj._seed.lineage if obj._seed is not None else None
             out.extend((f, lineage, f"snapshot #{n}") for f in obj._all_forks())
         elif isinstance(obj, ForkSession):
-            out.append((_Fork(uid=f"raw-{id(obj)}", session=obj), None, f"fork #{n}"))
+            out.append((Fork(uid=f"raw-{id(obj)}", seen=None, session=obj), None, f"fork #{n}"))
         elif isinstance(obj, DistributedSession | Session):
             raise NotASnapshotError(
                 f"item #{n} is a writable {type(obj).__name__}, not a snapshot or fork. "
@@ -853,174 +857,6 @@ def _collect(base: object, sessions: Iterable[Any]) -> list[_Item]:
                 "(nested) lists of them"
             )
     return out
-
-
-def _read_key(session: Session, key: str) -> bytes | None:
-    """Read one key of a session's store without zarr's I/O loop.
-
-    A blocking icechunk call made on zarr's single I/O thread deadlocks when another thread's
-    write to the same session is suspended on that loop (the root of the shared-session hang),
-    so reads made while tasks may still write use a private event loop instead.
-    """
-
-    async def get() -> bytes | None:
-        try:
-            return bytes(await session.store._store.get(key))
-        except KeyError:
-            return None
-
-    try:
-        asyncio.get_running_loop()
-    except RuntimeError:
-        return asyncio.run(get())
-    # Called from inside a running loop (a notebook cell): use a thread with its own loop.
-    with ThreadPoolExecutor(1) as pool:
-        return pool.submit(asyncio.run, get()).result()
-
-
-def _chunk_key(metadata: dict[str, Any], coords: ChunkCoords) -> str:
-    encoding = metadata.get("chunk_key_encoding", {"name": "default"})
-    name = encoding.get("name", "default")
-    separator = encoding.get("configuration", {}).get("separator")
-    if name == "v2":
-        separator = separator or "."
-        return separator.join(map(str, coords)) if coords else "0"
-    separator = separator or "/"
-    return separator.join(["c", *map(str, coords)])
-
-
-def _chunk_bytes(session: Session, path: str, coords: ChunkCoords) -> bytes | None:
-    prefix = path.strip("/")
-    raw = _read_key(session, f"{prefix}/zarr.json")
-    if raw is None:
-        return None
-    return _read_key(session, f"{prefix}/{_chunk_key(json.loads(raw), coords)}")
-
-
-def _node_bytes(session: Session, path: str) -> bytes | None:
-    return _read_key(session, f"{path.strip('/')}/zarr.json".lstrip("/"))
-
-
-def _check_lineage(
-    target: _Target, fork: _Fork, lineage: _Lineage | None, name: str, changes: _Changes
-) -> None:
-    if lineage is not None and target.lineage is not None:
-        if lineage.token != target.lineage.token:
-            raise ForeignSessionError(
-                f"{name} was made from another session ({lineage.describe()}), not from "
-                f"{target.describe} it is merged into ({target.lineage.describe()}). Icechunk "
-                "would merge it silently and its data could be lost: merge each snapshot into "
-                "the session whose allow_pickling() block produced it."
-            )
-        if not lineage.same_base(target.lineage, target.checkpoints):
-            raise ForeignSessionError(
-                f"{name} was made before {target.describe} committed, discarded its changes "
-                f"or was rebased (then {lineage.describe()}, now "
-                f"{target.lineage.describe()}); its writes are against an outdated base. Redo "
-                "that work from a new allow_pickling() block."
-            )
-        return
-    # No lineage to compare: check that every node the fork touched is the same node in the
-    # target. A fork of another repository has other node ids, and icechunk drops its chunks.
-    session = fork.session()
-    for path in sorted(set(changes.chunks) | (changes.nodes - changes.new_nodes)):
-        try:
-            theirs = session.get_node_id(path)
-        except icechunk.IcechunkError:
-            continue  # deleted in the fork; nothing to attach to
-        try:
-            ours = target.session.get_node_id(path)
-        except icechunk.IcechunkError:
-            ours = None
-        if ours != theirs:
-            raise ForeignSessionError(
-                f"{name} wrote to {path!r}, which is "
-                + ("missing from" if ours is None else "a different array in")
-                + f" {target.describe} it is merged into: the fork comes from another "
-                "repository, branch or history. Icechunk would merge it silently and lose "
-                "its data. Merge forks only into the session they were forked from."
-            )
-
-
-def _merge_forks(target: _Target, items: list[_Item]) -> None:
-    """Validate every fork, then merge them all, or raise having merged nothing."""
-    ledger = target.ledger
-    todo: list[_Item] = []
-    uids: set[str] = set()
-    for item in items:
-        fork = item[0]
-        if fork.uid in uids or (not fork.live and fork.uid in ledger.merged):
-            continue
-        if not fork.has_changes():
-            continue
-        uids.add(fork.uid)
-        todo.append(item)
-    if not todo:
-        return
-    # A live fork may change under us: take its changes once, for checking and book-keeping.
-    changes_of = {fork.uid: fork.changes() for fork, _, _ in todo}
-    for fork, lineage, name in todo:
-        _check_lineage(target, fork, lineage, name, changes_of[fork.uid])
-
-    # Overlaps: with chunks merged by earlier calls (compare with the target's bytes) and
-    # within this call (compare with the first writer's bytes). Identical bytes are fine.
-    first: dict[tuple[str, ChunkCoords], _Item] = {}
-    first_node: dict[str, _Item] = {}
-    conflicts: list[tuple[str, ChunkCoords]] = []
-    described: list[str] = []
-    empty: dict[ChunkCoords, str] = {}
-    for item in todo:
-        fork, _, name = item
-        changes = changes_of[fork.uid]
-        for path, coords in changes.chunks.items():
-            merged = ledger.chunks.get(path, empty)
-            for c in coords:
-                key = (path, c)
-                if merged.get(c, fork.uid) != fork.uid:
-                    other, other_name = target.session, f"an earlier merge into {target.describe}"
-                elif key in first:
-                    other, other_name = first[key][0].session(), first[key][2]
-                else:
-                    first[key] = item
-                    continue
-                if _chunk_bytes(fork.session(), path, c) != _chunk_bytes(other, path, c):
-                    conflicts.append(key)
-                    if len(described) < 10:
-                        described.append(f"  {path} chunk {list(c)}: {name} and {other_name}")
-        for path in changes.nodes:
-            if ledger.nodes.get(path, fork.uid) != fork.uid:
-                other, other_name = target.session, f"an earlier merge into {target.describe}"
-            elif path in first_node:
-                other, other_name = first_node[path][0].session(), first_node[path][2]
-            else:
-                first_node[path] = item
-                continue
-            if _node_bytes(fork.session(), path) != _node_bytes(other, path):
-                conflicts.append((path, ()))
-                if len(described) < 10:
-                    described.append(f"  {path} metadata: {name} and {other_name}")
-    if conflicts:
-        more = f"\n  ... and {len(conflicts) - len(described)} more" if len(conflicts) > 10 else ""
-        raise OverlappingWritesError(
-            f"{len(conflicts)} chunk(s) were written with different bytes by two sessions; "
-            "icechunk would silently keep whichever is merged last. Nothing was merged.\n"
-            + "\n".join(described)
-            + more
-            + "\nMake each task write whole chunks of its own region only (regions aligned to "
-            "the chunk grid, no two tasks writing the same chunk).",
-            conflicts,
-        )
-
-    target.session.merge(*(fork.session() for fork, _, _ in todo))
-    for fork, _, _ in todo:
-        changes = changes_of[fork.uid]
-        for path, coords in changes.chunks.items():
-            owners = ledger.chunks.setdefault(path, {})
-            for c in coords:
-                owners[c] = fork.uid
-        for path in changes.nodes:
-            ledger.nodes[path] = fork.uid
-        ledger.merged.add(fork.uid)
 
 
 def merge_sessions[B: (DistributedSession, Session, SessionSnapshot)](base: B, *sessions: Any) -> B:
@@ -1059,7 +895,10 @@ def merge_sessions[B: (DistributedSession, Session, SessionSnapshot)](base: B, *
     """
     if isinstance(base, DistributedSession):
         base._absorb_threads()
-    target = _target_of(base)
+    target, coord = _target_of(base)
     items = _collect(base, sessions)
-    _merge_forks(target, items)
+    if coord is not None:
+        coord.merge(items)
+    else:
+        merge_forks(target, items)
     return base

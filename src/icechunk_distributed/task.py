@@ -24,7 +24,7 @@ import xarray as xr
 
 from icechunk_distributed.errors import PieceMismatchError
 from icechunk_distributed.planning import Region, format_region
-from icechunk_distributed.session import SessionSnapshot, _Changes
+from icechunk_distributed.session import SessionSnapshot
 
 __all__ = ["Loader", "TaskInput", "TaskOutput", "run_task", "same_dtype", "write_variables"]
 
@@ -161,9 +161,7 @@ def check_inside(
     changes just computed, so the coordinator's merge (in this process, for thread pools)
     need not ask icechunk again. Returns how many chunks the task wrote.
     """
-    fork = snapshot._live_fork()
-    changes = _Changes.of(fork.session())
-    fork._changes, fork.live = changes, False
+    changes = snapshot.seal()
     n = 0
     for path, coords in changes.chunks.items():
         name = path[len(prefix) :] if path.startswith(prefix) else path

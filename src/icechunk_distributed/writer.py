@@ -562,7 +562,12 @@ class RegionWriter:
         return size
 
     def _check_shippable(self, caps: Capabilities) -> None:
-        """:meth:`check_picklable` for an engine that crosses processes, once per limit."""
+        """:meth:`check_picklable` for an engine that crosses processes, once per limit.
+
+        Also refuses a repository other processes cannot reach (in-memory storage).
+        """
+        if caps.crosses_processes:
+            self.session.check_shareable()
         if caps.crosses_processes and self._checked_limit != (caps.max_arg_bytes,):
             self.check_picklable(caps.max_arg_bytes)
             self._checked_limit = (caps.max_arg_bytes,)
@@ -575,9 +580,8 @@ class RegionWriter:
 
     def _base_store(self) -> Any:
         # The base session's own store, whichever thread calls: forks made afterwards (the
-        # tasks' seed) must see these writes.
-        self.session._coordinator.invalidate_seed()
-        return self.session.session.store
+        # tasks' seed) see these writes.
+        return self.session.direct_store()
 
     def _eager_data(self) -> xr.Dataset | None:
         """The coordinator's variables: from the source, or from ``load(full extent)``.
@@ -723,7 +727,7 @@ class RegionWriter:
 
             def build(j: int, attempt: int) -> TaskInput:
                 with guard:
-                    inp = self._task_input(todo[j], snapshot._fresh())
+                    inp = self._task_input(todo[j], snapshot.copy_for_task())
                 inp.attempt = attempt
                 return inp
 

@@ -1,0 +1,326 @@
+"""What comes back from the tasks: lineage and overlap checks, then one icechunk merge.
+
+The overlap rule. Every merge into a target advances the target's *version*; every fork
+knows the version it was forked from (``Fork.seen``). A chunk (or node) that a fork writes
+and an earlier merge also wrote is
+
+* an ordered, deliberate write when the fork was made after that merge (it could see the
+  earlier bytes): the later write wins, as in icechunk;
+* a collision otherwise (the two writers could not see each other, like two tasks of one
+  ``allow_pickling()`` block): different bytes raise :class:`OverlappingWritesError`,
+  identical bytes are accepted.
+
+Forks merged in one call never saw each other, so any chunk two of them wrote is compared.
+Forks are merged oldest first, so a later write always lands last.
+"""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+import icechunk
+
+from icechunk_distributed.errors import ForeignSessionError, OverlappingWritesError
+from icechunk_distributed.forks import ChunkCoords, Fork, chunk_bytes, node_bytes
+
+if TYPE_CHECKING:
+    from collections.abc import Collection
+
+    from icechunk import Session
+
+    from icechunk_distributed.forks import Changes
+
+__all__ = ["Item", "Ledger", "Lineage", "Target", "merge_forks"]
+
+Key = tuple[str, ChunkCoords]
+# A chunk ("c", path, coords) or an array's or group's metadata ("n", path, ()).
+Write = tuple[str, str, ChunkCoords]
+
+
+@dataclass(frozen=True, slots=True)
+class Lineage:
+    """The base session a snapshot was made from, and that base's state then."""
+
+    token: str
+    generation: int
+    branch: str | None
+    base_snapshot_id: str
+    version: int = 0
+
+    def describe(self) -> str:
+        """``branch 'main' at snapshot ...``."""
+        return f"branch {self.branch!r} at snapshot {self.base_snapshot_id}"
+
+    def same_base(self, other: Lineage, checkpoints: Collection[str] = ()) -> bool:
+        """Same base session, with no commit, discard or rebase in between.
+
+        ``checkpoints``: the base's earlier snapshot ids that it left by a checkpoint (a
+        resumable run's), which keeps forks made before it valid. Any other change of
+        snapshot id (a rebase of a plain session, say) makes them stale. The version does
+        not matter here: merges into the base keep its forks valid.
+        """
+        return (
+            self.token == other.token
+            and self.generation == other.generation
+            and (
+                self.base_snapshot_id == other.base_snapshot_id
+                or self.base_snapshot_id in checkpoints
+            )
+        )
+
+
+@dataclass
+class Ledger:
+    """What has been merged into one target, for the overlap rule across merge calls."""
+
+    version: int = 0
+    # path -> chunk -> (uid of the fork that last wrote it, version its write was merged at)
+    chunks: dict[str, dict[ChunkCoords, tuple[str, int]]] = field(default_factory=dict)
+    nodes: dict[str, tuple[str, int]] = field(default_factory=dict)
+    merged: set[str] = field(default_factory=set)  # uids of frozen forks already merged
+    # live forks: the keys each has merged before (a re-merge does not re-check them)
+    own: dict[str, set[Write]] = field(default_factory=dict)
+    # a raw icechunk fork's base snapshot id -> the version when it was first seen
+    raw_seen: dict[str, int] = field(default_factory=dict)
+    lock: threading.RLock = field(default_factory=threading.RLock)
+
+    def seen_of(self, fork: Fork) -> int:
+        """The version ``fork`` was made from; for a raw fork, inferred from its base."""
+        if fork.seen is not None:
+            return fork.seen
+        # A raw fork carries no version. Forks of one session.fork() call share a base
+        # snapshot id, so they count as one fan-out, made when the first of them arrived.
+        return self.raw_seen.setdefault(fork.session().snapshot_id, self.version)
+
+
+@dataclass
+class Target:
+    """Where merged forks go, and what may be merged into it."""
+
+    session: Session
+    lineage: Lineage | None  # what snapshots must descend from; None: check node ids only
+    ledger: Ledger
+    describe: str
+    checkpoints: frozenset[str] = frozenset()
+    storage: str | None = None  # the repository's storage, for error messages
+
+
+Item = tuple[Fork, Lineage | None, str]
+
+
+def _check_lineage(target: Target, lineage: Lineage, name: str) -> None:
+    assert target.lineage is not None
+    if lineage.token != target.lineage.token:
+        if lineage.describe() == target.lineage.describe():
+            origin = f"another writable session of the same {lineage.describe()}"
+        else:
+            origin = f"another session ({lineage.describe()})"
+        raise ForeignSessionError(
+            f"{name} was made from {origin}, not from {target.describe} it is merged into "
+            f"({target.lineage.describe()}). Icechunk would merge it silently and its data "
+            "could be lost: merge each snapshot into the session whose allow_pickling() block "
+            "produced it."
+        )
+    if not lineage.same_base(target.lineage, target.checkpoints):
+        raise ForeignSessionError(
+            f"{name} was made before {target.describe} committed, discarded its changes or "
+            f"was rebased (then {lineage.describe()}, now {target.lineage.describe()}); its "
+            "writes are against an outdated base. Redo that work from a new allow_pickling() "
+            "block."
+        )
+
+
+def _check_raw_fork(target: Target, fork: Fork, name: str, changes: Changes) -> None:
+    """A raw fork must write to the target's own arrays (same node ids)."""
+    # A fork of another repository has other node ids, and icechunk drops its chunks.
+    session = fork.session()
+    for path in sorted(set(changes.chunks) | (changes.nodes - changes.new_nodes)):
+        try:
+            theirs = session.get_node_id(path)
+        except icechunk.IcechunkError:
+            continue  # deleted in the fork; nothing to attach to
+        try:
+            ours = target.session.get_node_id(path)
+        except icechunk.IcechunkError:
+            ours = None
+        if ours != theirs:
+            raise ForeignSessionError(
+                f"{name} wrote to {path!r}, which is "
+                + ("missing from" if ours is None else "a different array in")
+                + f" {target.describe} it is merged into: the fork comes from another "
+                "repository, branch or history. Icechunk would merge it silently and lose "
+                "its data. Merge forks only into the session they were forked from."
+            )
+
+
+def _check_raw_objects(target: Target, raw: list[tuple[Fork, str, Changes]]) -> None:
+    """Every raw fork's chunks must be objects of the target's repository.
+
+    A byte-for-byte copy of a repository keeps its node ids, so only the objects tell it
+    apart: merge the raw forks into a scratch fork of the target and read one written chunk
+    of each through it (one small read per raw fork). Chunks small enough to be inlined in
+    the fork's manifest read fine, rightly: their bytes travel with the fork.
+    """
+    probes = [(f, n, c) for f, n, c in raw if c.chunks]
+    if not probes:
+        return
+    scratch = target.session.fork()
+    scratch.merge(*(f.session() for f, _, _ in probes))
+    for _, name, changes in probes:
+        path = min(changes.chunks)
+        coords = min(changes.chunks[path])
+        try:
+            chunk_bytes(scratch, path, coords)
+        except icechunk.IcechunkError as exc:
+            where = f" (storage: {target.storage})" if target.storage else ""
+            raise ForeignSessionError(
+                f"{name} wrote chunk {list(coords)} of {path!r} to another repository: the "
+                f"object is missing from the repository of {target.describe}{where} "
+                f"({type(exc).__name__}: {str(exc).splitlines()[0]}). The fork comes from a "
+                "copy of the repository (copies keep the same array ids, so icechunk cannot "
+                "tell them apart) or from another repository; merging it would commit a "
+                "snapshot that cannot be read. Merge forks only into the repository they "
+                "were made from."
+            ) from None
+
+
+def _describe_overlaps(conflicts: list[Key], described: list[str]) -> OverlappingWritesError:
+    more = f"\n  ... and {len(conflicts) - len(described)} more" if len(conflicts) > 10 else ""
+    return OverlappingWritesError(
+        f"{len(conflicts)} chunk(s) were written with different bytes by two sessions that "
+        "could not see each other's writes (tasks of one fan-out); icechunk would silently "
+        "keep whichever is merged last. Nothing was merged.\n"
+        + "\n".join(described)
+        + more
+        + "\nMake each task write whole chunks of its own region only (regions aligned to the "
+        "chunk grid, no two tasks writing the same chunk).",
+        conflicts,
+    )
+
+
+def merge_forks(target: Target, items: list[Item], *, replay: Collection[Fork] = ()) -> list[Fork]:
+    """Validate every fork, then merge them all, or raise having merged nothing.
+
+    ``replay``: forks merged before that must land again, in age order, because an older live
+    fork is merged again with them (see :class:`~icechunk_distributed.session.DistributedSession`);
+    they are not checked again. Returns the forks merged (oldest first).
+    """
+    ledger = target.ledger
+    with ledger.lock:
+        todo: list[Item] = []
+        uids: set[str] = set()
+        for item in items:
+            fork = item[0]
+            if fork.uid in uids or (not fork.live and fork.uid in ledger.merged):
+                continue
+            if not fork.has_changes():
+                continue
+            uids.add(fork.uid)
+            todo.append(item)
+        if not todo:
+            return []
+        # A live fork may change under us: take its changes once, for checking and book-keeping.
+        changes_of = {fork.uid: fork.changes() for fork, _, _ in todo}
+        raw: list[tuple[Fork, str, Changes]] = []
+        for fork, lineage, name in todo:
+            if lineage is not None and target.lineage is not None:
+                _check_lineage(target, lineage, name)
+            else:
+                _check_raw_fork(target, fork, name, changes_of[fork.uid])
+                if fork.seen is None:
+                    raw.append((fork, name, changes_of[fork.uid]))
+        _check_raw_objects(target, raw)
+        seen_of = {fork.uid: ledger.seen_of(fork) for fork, _, _ in todo}
+        _check_overlaps(target, todo, changes_of, seen_of)
+
+        forks = sorted((fork for fork, _, _ in todo), key=lambda f: seen_of[f.uid])
+        again = [f for f in replay if f.uid not in uids]
+        # Older first, so that a later write always lands last.
+        order = sorted([*forks, *again], key=ledger.seen_of)
+        target.session.merge(*(f.session() for f in order))
+        # A live fork merged again with nothing new leaves the version alone, so that the
+        # other threads' forks are not made stale (and replaced) for nothing.
+        if any(_is_new(ledger, f, changes_of[f.uid]) for f in forks):
+            ledger.version += 1
+        for fork in forks:
+            _record(ledger, fork, changes_of[fork.uid])
+        return forks
+
+
+def _is_new(ledger: Ledger, fork: Fork, changes: Changes) -> bool:
+    own = ledger.own.get(fork.uid)
+    return own is None or any(w not in own for w in _writes(changes))
+
+
+def _writes(changes: Changes) -> list[Write]:
+    out: list[Write] = [("c", path, c) for path, coords in changes.chunks.items() for c in coords]
+    out.extend(("n", path, ()) for path in changes.nodes)
+    return out
+
+
+def _record(ledger: Ledger, fork: Fork, changes: Changes) -> None:
+    own = ledger.own.setdefault(fork.uid, set()) if fork.live else set()
+    for write in _writes(changes):
+        if write in own:
+            continue  # a live fork merged again keeps the version of its first merge
+        kind, path, c = write
+        if kind == "c":
+            ledger.chunks.setdefault(path, {})[c] = (fork.uid, ledger.version)
+        else:
+            ledger.nodes[path] = (fork.uid, ledger.version)
+        if fork.live:
+            own.add(write)
+    if not fork.live:
+        ledger.merged.add(fork.uid)
+
+
+def _stored(session: Session, write: Write) -> bytes | None:
+    kind, path, c = write
+    return chunk_bytes(session, path, c) if kind == "c" else node_bytes(session, path)
+
+
+def _check_overlaps(
+    target: Target, todo: list[Item], changes_of: dict[str, Changes], seen_of: dict[str, int]
+) -> None:
+    """Raise :class:`OverlappingWritesError` for writes that collide (see the module notes)."""
+    ledger = target.ledger
+    nobody: set[Write] = set()
+    first: dict[Write, Item] = {}
+    conflicts: list[Key] = []
+    described: list[str] = []
+
+    def conflict(write: Write, name: str, other: str) -> None:
+        kind, path, c = write
+        conflicts.append((path, c))
+        if len(described) < 10:
+            what = f"chunk {list(c)}" if kind == "c" else "metadata"
+            described.append(f"  {path} {what}: {name} and {other}")
+
+    for item in todo:
+        fork, _, name = item
+        own = ledger.own.get(fork.uid, nobody)
+        for write in _writes(changes_of[fork.uid]):
+            if write in own:
+                continue  # this live fork merged it before: its own (re)write
+            kind, path, c = write
+            owner = ledger.chunks.get(path, {}).get(c) if kind == "c" else ledger.nodes.get(path)
+            if (
+                owner is not None
+                and owner[0] != fork.uid
+                and seen_of[fork.uid] < owner[1]
+                and _stored(fork.session(), write) != _stored(target.session, write)
+            ):
+                conflict(write, name, f"an earlier merge into {target.describe}")
+                continue
+            if write not in first:
+                first[write] = item
+                continue
+            other, _, other_name = first[write]
+            if write in ledger.own.get(other.uid, nobody):
+                continue  # the other's write was merged before: checked against the ledger
+            if _stored(fork.session(), write) != _stored(other.session(), write):
+                conflict(write, name, other_name)
+    if conflicts:
+        raise _describe_overlaps(conflicts, described)
