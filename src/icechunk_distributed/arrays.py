@@ -183,6 +183,13 @@ def store_arrays(
     if crosses:
         import cloudpickle
 
+        try:
+            session.check_shareable()  # in-memory storage cannot reach worker processes
+        except Exception:
+            if adapter is not executor:
+                adapter.close()
+            raise
+
         for k, (path, _) in enumerate(plans):
             first = tuple(slice(0, min(1, n)) for n in srcs[k].shape)
             try:

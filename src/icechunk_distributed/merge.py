@@ -87,12 +87,13 @@ class Ledger:
     lock: threading.RLock = field(default_factory=threading.RLock)
 
     def seen_of(self, fork: Fork) -> int:
-        """The version ``fork`` was made from; for a raw fork, inferred from its base."""
+        """The version ``fork`` was made from; for a raw fork, looked up by its base."""
         if fork.seen is not None:
             return fork.seen
-        # A raw fork carries no version. Forks of one session.fork() call share a base
-        # snapshot id, so they count as one fan-out, made when the first of them arrived.
-        return self.raw_seen.setdefault(fork.session().snapshot_id, self.version)
+        # A raw fork carries no version: DistributedSession.fork() records the version of
+        # the snapshot id it forked from. A fork of unknown origin (a plain session's
+        # fork()) counts as made before every merge, so every overlap with it is checked.
+        return self.raw_seen.get(fork.session().snapshot_id, -1)
 
 
 @dataclass
@@ -163,14 +164,12 @@ def _check_raw_objects(target: Target, raw: list[tuple[Fork, str, Changes]]) -> 
     of each through it (one small read per raw fork). Chunks small enough to be inlined in
     the fork's manifest read fine, rightly: their bytes travel with the fork.
     """
-    probes = [(f, n, c) for f, n, c in raw if c.chunks]
+    probes = [(f, n, chunk) for f, n, c in raw if (chunk := _stored_chunk(f, c)) is not None]
     if not probes:
         return
     scratch = target.session.fork()
     scratch.merge(*(f.session() for f, _, _ in probes))
-    for _, name, changes in probes:
-        path = min(changes.chunks)
-        coords = min(changes.chunks[path])
+    for _, name, (path, coords) in probes:
         try:
             chunk_bytes(scratch, path, coords)
         except icechunk.IcechunkError as exc:
@@ -184,6 +183,16 @@ def _check_raw_objects(target: Target, raw: list[tuple[Fork, str, Changes]]) -> 
                 "snapshot that cannot be read. Merge forks only into the repository they "
                 "were made from."
             ) from None
+
+
+def _stored_chunk(fork: Fork, changes: Changes) -> Key | None:
+    """One chunk the fork stored as an object of its repository (None: all inlined)."""
+    session = fork.session()
+    for path, coords in changes.chunks.items():
+        for c in coords:
+            if session.chunk_type(path, list(c)) == icechunk.ChunkType.native:
+                return (path, c)
+    return None
 
 
 def _describe_overlaps(conflicts: list[Key], described: list[str]) -> OverlappingWritesError:
@@ -235,45 +244,55 @@ def merge_forks(target: Target, items: list[Item], *, replay: Collection[Fork] =
         seen_of = {fork.uid: ledger.seen_of(fork) for fork, _, _ in todo}
         _check_overlaps(target, todo, changes_of, seen_of)
 
-        forks = sorted((fork for fork, _, _ in todo), key=lambda f: seen_of[f.uid])
+        forks = [fork for fork, _, _ in todo]
+        if len(set(seen_of.values())) > 1:
+            forks.sort(key=lambda f: seen_of[f.uid])
         again = [f for f in replay if f.uid not in uids]
         # Older first, so that a later write always lands last.
-        order = sorted([*forks, *again], key=ledger.seen_of)
+        order = sorted([*forks, *again], key=ledger.seen_of) if again else forks
         target.session.merge(*(f.session() for f in order))
-        # A live fork merged again with nothing new leaves the version alone, so that the
-        # other threads' forks are not made stale (and replaced) for nothing.
-        if any(_is_new(ledger, f, changes_of[f.uid]) for f in forks):
+        if any(not f.live or _is_new(ledger, f, changes_of[f.uid]) for f in forks):
             ledger.version += 1
+        version = ledger.version
         for fork in forks:
-            _record(ledger, fork, changes_of[fork.uid])
+            _record(ledger, fork, changes_of[fork.uid], version)
         return forks
 
 
 def _is_new(ledger: Ledger, fork: Fork, changes: Changes) -> bool:
     own = ledger.own.get(fork.uid)
-    return own is None or any(w not in own for w in _writes(changes))
+    if own is None:
+        return True
+    return any(("c", p, c) not in own for p, cs in changes.chunks.items() for c in cs) or any(
+        ("n", p, ()) not in own for p in changes.nodes
+    )
 
 
-def _writes(changes: Changes) -> list[Write]:
-    out: list[Write] = [("c", path, c) for path, coords in changes.chunks.items() for c in coords]
-    out.extend(("n", path, ()) for path in changes.nodes)
-    return out
-
-
-def _record(ledger: Ledger, fork: Fork, changes: Changes) -> None:
-    own = ledger.own.setdefault(fork.uid, set()) if fork.live else set()
-    for write in _writes(changes):
-        if write in own:
-            continue  # a live fork merged again keeps the version of its first merge
-        kind, path, c = write
-        if kind == "c":
-            ledger.chunks.setdefault(path, {})[c] = (fork.uid, ledger.version)
-        else:
-            ledger.nodes[path] = (fork.uid, ledger.version)
-        if fork.live:
-            own.add(write)
+def _record(ledger: Ledger, fork: Fork, changes: Changes, version: int) -> None:
+    entry = (fork.uid, version)
     if not fork.live:
-        ledger.merged.add(fork.uid)
+        for path, coords in changes.chunks.items():
+            owners = ledger.chunks.setdefault(path, {})
+            for c in coords:
+                owners[c] = entry
+        for path in changes.nodes:
+            ledger.nodes[path] = entry
+        if fork.seen is not None:  # a raw fork has no identity across calls
+            ledger.merged.add(fork.uid)
+        return
+    own = ledger.own.setdefault(fork.uid, set())
+    for path, coords in changes.chunks.items():
+        owners = ledger.chunks.setdefault(path, {})
+        for c in coords:
+            w = ("c", path, c)
+            if w not in own:
+                owners[c] = entry
+                own.add(w)
+    for path in changes.nodes:
+        w = ("n", path, ())
+        if w not in own:
+            ledger.nodes[path] = entry
+            own.add(w)
 
 
 def _stored(session: Session, write: Write) -> bytes | None:
@@ -298,28 +317,51 @@ def _check_overlaps(
             what = f"chunk {list(c)}" if kind == "c" else "metadata"
             described.append(f"  {path} {what}: {name} and {other}")
 
+    empty: dict[ChunkCoords, tuple[str, int]] = {}
+    first_chunk: dict[tuple[str, ChunkCoords], Item] = {}
     for item in todo:
         fork, _, name = item
         own = ledger.own.get(fork.uid, nobody)
-        for write in _writes(changes_of[fork.uid]):
+        seen = seen_of[fork.uid]
+        for path, coords in changes_of[fork.uid].chunks.items():
+            owners = ledger.chunks.get(path, empty)
+            for c in coords:
+                if own and ("c", path, c) in own:
+                    continue
+                owner = owners.get(c)
+                if owner is not None and owner[0] != fork.uid and seen < owner[1]:
+                    write = ("c", path, c)
+                    if _stored(fork.session(), write) != _stored(target.session, write):
+                        conflict(write, name, f"an earlier merge into {target.describe}")
+                        continue
+                other_item = first_chunk.setdefault((path, c), item)
+                if other_item is item:
+                    continue
+                write = ("c", path, c)
+                other, _, other_name = other_item
+                if write in ledger.own.get(other.uid, nobody):
+                    continue
+                if _stored(fork.session(), write) != _stored(other.session(), write):
+                    conflict(write, name, other_name)
+        for path in changes_of[fork.uid].nodes:
+            write = ("n", path, ())
             if write in own:
-                continue  # this live fork merged it before: its own (re)write
-            kind, path, c = write
-            owner = ledger.chunks.get(path, {}).get(c) if kind == "c" else ledger.nodes.get(path)
+                continue
+            owner = ledger.nodes.get(path)
             if (
                 owner is not None
                 and owner[0] != fork.uid
-                and seen_of[fork.uid] < owner[1]
+                and seen < owner[1]
                 and _stored(fork.session(), write) != _stored(target.session, write)
             ):
                 conflict(write, name, f"an earlier merge into {target.describe}")
                 continue
-            if write not in first:
-                first[write] = item
+            other_item = first.setdefault(write, item)
+            if other_item is item:
                 continue
-            other, _, other_name = first[write]
+            other, _, other_name = other_item
             if write in ledger.own.get(other.uid, nobody):
-                continue  # the other's write was merged before: checked against the ledger
+                continue
             if _stored(fork.session(), write) != _stored(other.session(), write):
                 conflict(write, name, other_name)
     if conflicts:

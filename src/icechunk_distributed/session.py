@@ -90,6 +90,12 @@ class _Seed:
         self._session = session
         self._blob = blob
 
+    def session(self) -> ForkSession:
+        if self._session is None:
+            claim_process()
+            self._session = pickle.loads(self.blob())
+        return self._session
+
     def blob(self) -> bytes:
         if self._blob is None:
             assert self._session is not None
@@ -170,12 +176,17 @@ class _Coordinator:
     def check_shareable(self) -> None:
         """Refuse storage that a pickled copy cannot reach (in-memory storage), once."""
         with self.lock:
+            if self._shareable is None and self.storage is not None:
+                self._shareable = "in-memory" not in self.storage
             if self._shareable is None:
-                copy: ForkSession = pickle.loads(self.seed().blob())
+                # Without the repository: a copy that cannot read what the base reads.
+                seed = self.seed()
+                copy: ForkSession = pickle.loads(seed.blob())
                 try:
                     read_key(copy, "zarr.json")
                     self._shareable = True
                 except icechunk.IcechunkError:
+                    read_key(seed.session(), "zarr.json")  # a real storage error raises here
                     self._shareable = False
             if not self._shareable:
                 raise UnshareableStorageError(
@@ -213,7 +224,8 @@ class _Coordinator:
             self.checkpoints.add(left)
             self._session_ref = weakref.ref(session)
             self._seed = None
-            self.thread_forks = {}
+            for ident in list(self.thread_forks):  # merged by the checkpoint; watched after
+                self.retire(ident)
             self.history = []
             if self.current is not None:  # tasks built from now on fork the new base
                 self.current._seed = None
@@ -268,6 +280,7 @@ class _Coordinator:
     def retire(self, ident: int) -> None:
         """This thread's fork is done (the thread is back for a new store, or has ended)."""
         record = self.thread_forks.pop(ident)
+        self.ledger.own.pop(record.fork.uid, None)  # never merged again, never re-checked
         # Even a fork that wrote nothing is watched: a store kept from it may still write.
         changes = record.fork.seal()
         self.retired.append((record.fork, changes.size()))
@@ -302,14 +315,17 @@ class _Coordinator:
 
     def check_retired(self) -> None:
         """Refuse to commit if a thread wrote through a store its fork no longer backs."""
-        for fork, size in self.retired:
+        with self.lock:
+            retired = list(self.retired)
+        for fork, size in retired:
             now = Changes.of(fork.session()).size()
             if now != size:
                 raise SessionStateError(
                     "A thread wrote through a DistributedSession store it had taken before "
-                    f"it took session.store again ({now[0] - size[0]} chunk(s) more); those "
-                    "writes would be lost. Take session.store inside each task, once per task, "
-                    "and do not keep a store from one task to the next."
+                    f"it took session.store again ({now[0] - size[0]} more chunk(s), "
+                    f"{now[1] - size[1]} more array(s) or group(s)); those writes would be "
+                    "lost. Take session.store inside each task, once per task, and do not "
+                    "keep a store from one task to the next."
                 )
 
 
@@ -412,7 +428,9 @@ class SessionSnapshot:
         seed = self._ensure_seed()
         with self._lock:
             fork = self._live.get(ident)
-            if fork is None:
+            if fork is None or not fork.live:  # sealed: later writes go to a new fork
+                if fork is not None:
+                    self._carried.append(fork)
                 fork = seed.new_fork()
                 self._live[ident] = fork
         return fork
@@ -494,11 +512,14 @@ class DistributedSession:
     Notes
     -----
     Threads: the thread that made this object writes straight into the session; any other
-    thread that takes :attr:`store` gets its own fork, merged back (with the overlap checks of
-    :func:`merge_sessions`) by :meth:`commit`, :meth:`status`, :meth:`merge` and
-    :attr:`has_uncommitted_changes`. Sharing one icechunk session between threads deadlocks
-    zarr's I/O loop; one fork per thread does not. Thread writes must have finished when the
-    owner thread commits.
+    thread that takes :attr:`store` gets its own fork. Thread forks are merged back (with the
+    overlap checks of :func:`merge_sessions`) whenever any thread takes :attr:`store`, and by
+    :meth:`commit`, :meth:`status`, :meth:`merge`, :meth:`fork`,
+    :attr:`has_uncommitted_changes` and every forwarded attribute, so every thread's store
+    sees what the others wrote so far. A thread that takes :attr:`store` again gets a new fork:
+    take it once per task. Sharing one icechunk session between threads deadlocks zarr's I/O
+    loop; one fork per thread does not. Thread writes must have finished when the owner thread
+    commits.
     """
 
     def __init__(
@@ -586,9 +607,17 @@ class DistributedSession:
         merge_sessions(self, *others)
 
     def fork(self) -> ForkSession:
-        """A raw icechunk fork (prefer :meth:`allow_pickling`)."""
-        self._absorb_threads()
-        return self._session.fork()
+        """A raw icechunk fork (prefer :meth:`allow_pickling`).
+
+        Its writes merge back with :func:`merge_sessions` as those of a snapshot of the
+        session as it is now would.
+        """
+        coord = self._coordinator
+        with coord.lock:
+            self._absorb_threads()
+            fork = self._session.fork()
+            coord.ledger.raw_seen.setdefault(fork.snapshot_id, coord.ledger.version)
+            return fork
 
     def commit(
         self,
@@ -842,7 +871,8 @@ def _collect(base: object, sessions: Iterable[Any]) -> list[Item]:
             lineage = obj._seed.lineage if obj._seed is not None else None
             out.extend((f, lineage, f"snapshot #{n}") for f in obj._all_forks())
         elif isinstance(obj, ForkSession):
-            out.append((Fork(uid=f"raw-{id(obj)}", seen=None, session=obj), None, f"fork #{n}"))
+            fork = Fork(uid=f"raw-{uuid.uuid4().hex}", seen=None, session=obj)
+            out.append((fork, None, f"fork #{n}"))
         elif isinstance(obj, DistributedSession | Session):
             raise NotASnapshotError(
                 f"item #{n} is a writable {type(obj).__name__}, not a snapshot or fork. "
@@ -880,18 +910,21 @@ def merge_sessions[B: (DistributedSession, Session, SessionSnapshot)](base: B, *
     ------
     ForeignSessionError
         A snapshot comes from another session, repository or branch, or from before the base
-        committed or discarded; or a raw fork writes to arrays the base does not have.
+        committed or discarded; or a raw fork writes to arrays the base does not have, or
+        wrote chunks that are not objects of the base's repository (a copy of it).
     OverlappingWritesError
-        Two sessions wrote different bytes to the same chunk (identical bytes are accepted).
+        Two writers that could not see each other's writes (tasks of one block, or a fork and
+        an earlier merge made after it) wrote different bytes to the same chunk. Identical
+        bytes are accepted; a fork made after an earlier merge overwrites it deliberately.
     NotASnapshotError
         An item is a writable session or something else that is not a snapshot or fork.
 
     Notes
     -----
-    Nothing is merged unless every item passes. Overlaps are checked against everything merged
-    into the same base by earlier calls too, so merging results one by one as they arrive is
-    as safe as merging them at once. The cost is linear in the chunks written; bytes are only
-    read for chunks written twice.
+    Nothing is merged unless every item passes. Overlaps are checked against earlier merges
+    into the same base too (the rule is in ``docs/core.md``), so merging results one by one as
+    they arrive is as safe as merging them at once. The cost is linear in the chunks written;
+    bytes are only read for chunks written twice, and one chunk per raw icechunk fork.
     """
     if isinstance(base, DistributedSession):
         base._absorb_threads()
