@@ -826,25 +826,24 @@ def allow_pickling(
 # merge_sessions
 
 
-def _target_of(base: object) -> tuple[Target, _Coordinator | None]:
+def _target_of(base: object) -> Target | _Coordinator:
+    """Where merge_sessions merges: a session's coordinator, or a snapshot or fork as is."""
     if isinstance(base, DistributedSession):
-        coord = base._coordinator
-        return coord.target(), coord
+        return base._coordinator
     if isinstance(base, SessionSnapshot):
         fork = base._live_fork()
         lineage = base.lineage
         if base._ledger.version < lineage.version:  # forks of this block were made at it
             base._ledger.version = lineage.version
-        return Target(fork.session(), lineage, base._ledger, "the snapshot"), None
+        return Target(fork.session(), lineage, base._ledger, "the snapshot")
     if isinstance(base, ForkSession):
-        return Target(base, None, Ledger(), "the fork"), None
+        return Target(base, None, Ledger(), "the fork")
     if isinstance(base, Session):
         if base.read_only:
             raise SessionStateError(
                 "merge_sessions() needs a writable base session; this one is read-only"
             )
-        coord = _coordinator_for(base)
-        return coord.target(), coord
+        return _coordinator_for(base)
     raise TypeError(
         "merge_sessions() merges into a DistributedSession, a writable icechunk Session, a "
         f"SessionSnapshot or a ForkSession, not {type(base).__name__}"
@@ -928,10 +927,10 @@ def merge_sessions[B: (DistributedSession, Session, SessionSnapshot)](base: B, *
     """
     if isinstance(base, DistributedSession):
         base._absorb_threads()
-    target, coord = _target_of(base)
+    target = _target_of(base)
     items = _collect(base, sessions)
-    if coord is not None:
-        coord.merge(items)
+    if isinstance(target, _Coordinator):
+        target.merge(items)
     else:
         merge_forks(target, items)
     return base
