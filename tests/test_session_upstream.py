@@ -90,6 +90,13 @@ def plus_one(ds: xr.Dataset) -> xr.Dataset:
     return ds.copy(data={k: v.values + 1 for k, v in ds.data_vars.items()})
 
 
+def first_block(session, pool) -> None:
+    """One allow_pickling() block on ``pool``: two tasks write [1, 2] into chunks 0 and 1."""
+    with session.allow_pickling() as snap:
+        first = [pool.submit(write_values, snap, "a", i, [i + 1.0]) for i in (0, 1)]
+        icd.merge_sessions(session, *[f.result() for f in first])
+
+
 # ---------------------------------------------------------------------------------------------
 # 1. One fan-out is checked; successive blocks and runs are ordered writes (later wins).
 
@@ -99,9 +106,7 @@ def test_two_blocks_without_commit_later_block_wins(repo, kind):
     with_vector(repo)
     session = icd.writable_session(repo)
     with pool_of(kind) as pool:
-        with session.allow_pickling() as snap:
-            first = [pool.submit(write_values, snap, "a", i, [i + 1.0]) for i in (0, 1)]
-            icd.merge_sessions(session, *[f.result() for f in first])
+        first_block(session, pool)
         with session.allow_pickling() as snap:
             second = [pool.submit(write_values, snap, "a", i, [v]) for i, v in ((0, 10), (2, 30))]
             icd.merge_sessions(session, *[f.result() for f in second])
@@ -138,9 +143,7 @@ def test_a_later_block_reads_what_earlier_blocks_merged(repo, kind):
     with_vector(repo)
     session = icd.writable_session(repo)
     with pool_of(kind) as pool:
-        with session.allow_pickling() as snap:
-            first = [pool.submit(write_values, snap, "a", i, [i + 1.0]) for i in (0, 1)]
-            icd.merge_sessions(session, *[f.result() for f in first])
+        first_block(session, pool)
         with session.allow_pickling() as snap:
             seen, result = pool.submit(read_then_write, snap, "a", 3, [4.0]).result()
     assert seen == [1.0, 2.0, -1.0, -1.0]
