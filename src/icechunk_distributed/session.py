@@ -4,15 +4,18 @@ Icechunk's own protocol is: fork the writable session, ship the fork to every ta
 forks that come back, commit once. This module wraps that protocol so it is hard to misuse:
 
 * :func:`allow_pickling` yields a :class:`SessionSnapshot`, a picklable handle whose ``store``
-  is a writable fork. One icechunk fork is made per ``allow_pickling`` block, lazily, when the
-  snapshot is first shipped; each task then works on its own copy of that fork.
+  is a writable fork. One icechunk fork (the *seed*) is made per ``allow_pickling`` block,
+  lazily, when the snapshot is first shipped, so it sees everything merged before; each task
+  then works on its own fork of the seed.
 * :func:`merge_sessions` merges snapshots (and plain icechunk ``ForkSession`` objects) back,
   all or nothing, after checking what icechunk does not: that each fork descends from the
-  session it is merged into, and that no two forks wrote different bytes to one chunk.
+  session (and repository) it is merged into, and that no two writers that could not see
+  each other wrote different bytes to one chunk (the rule and the checks are in ``merge``).
 * :class:`DistributedSession` (from :func:`writable_session`) is a drop-in wrapper of a
   writable icechunk ``Session`` that knows its own snapshots, pickles as one inside
   ``allow_pickling()`` and gives every non-owner thread its own fork, so the documented
-  "share one session between threads" recipe cannot deadlock.
+  "share one session between threads" recipe cannot deadlock; every thread's store still
+  sees what the others wrote.
 
 When pickling is allowed
 ------------------------
