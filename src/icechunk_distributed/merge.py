@@ -160,9 +160,9 @@ def _check_raw_objects(target: Target, raw: list[tuple[Fork, str, Changes]]) -> 
     """Every raw fork's chunks must be objects of the target's repository.
 
     A byte-for-byte copy of a repository keeps its node ids, so only the objects tell it
-    apart: merge the raw forks into a scratch fork of the target and read one written chunk
-    of each through it (one small read per raw fork). Chunks small enough to be inlined in
-    the fork's manifest read fine, rightly: their bytes travel with the fork.
+    apart: merge the raw forks into a scratch fork of the target and read through it one chunk
+    of each that the fork stored as an object (one read per raw fork). A fork whose chunks are
+    all inlined in its manifest is skipped, rightly: their bytes travel with the fork.
     """
     probes = [(f, n, chunk) for f, n, c in raw if (chunk := _stored_chunk(f, c)) is not None]
     if not probes:
@@ -306,7 +306,6 @@ def _check_overlaps(
     """Raise :class:`OverlappingWritesError` for writes that collide (see the module notes)."""
     ledger = target.ledger
     nobody: set[Write] = set()
-    first: dict[Write, Item] = {}
     conflicts: list[Key] = []
     described: list[str] = []
 
@@ -317,52 +316,42 @@ def _check_overlaps(
             what = f"chunk {list(c)}" if kind == "c" else "metadata"
             described.append(f"  {path} {what}: {name} and {other}")
 
-    empty: dict[ChunkCoords, tuple[str, int]] = {}
-    first_chunk: dict[tuple[str, ChunkCoords], Item] = {}
-    for item in todo:
+    # The first writer of each chunk and node in this call, by kind ("c" or "n"): keyed by
+    # (path, coords), so that the common case (one writer) builds no Write tuple.
+    first: dict[str, dict[Key, Item]] = {"c": {}, "n": {}}
+
+    def check(
+        kind: str, path: str, c: ChunkCoords, owner: tuple[str, int] | None, item: Item
+    ) -> None:
         fork, _, name = item
-        own = ledger.own.get(fork.uid, nobody)
-        seen = seen_of[fork.uid]
-        for path, coords in changes_of[fork.uid].chunks.items():
+        if owner is not None and owner[0] != fork.uid and seen_of[fork.uid] < owner[1]:
+            # An earlier merge this fork could not see wrote it too.
+            write = (kind, path, c)
+            if _stored(fork.session(), write) != _stored(target.session, write):
+                conflict(write, name, f"an earlier merge into {target.describe}")
+                return
+        other_item = first[kind].setdefault((path, c), item)
+        if other_item is item:
+            return
+        write = (kind, path, c)
+        other, _, other_name = other_item
+        if write in ledger.own.get(other.uid, nobody):
+            return  # the other's write was merged before: checked against the ledger
+        if _stored(fork.session(), write) != _stored(other.session(), write):
+            conflict(write, name, other_name)
+
+    empty: dict[ChunkCoords, tuple[str, int]] = {}
+    for item in todo:
+        uid = item[0].uid
+        own = ledger.own.get(uid, nobody)  # a live fork's earlier writes are its own
+        changes = changes_of[uid]
+        for path, coords in changes.chunks.items():
             owners = ledger.chunks.get(path, empty)
             for c in coords:
-                if own and ("c", path, c) in own:
-                    continue
-                owner = owners.get(c)
-                if owner is not None and owner[0] != fork.uid and seen < owner[1]:
-                    write = ("c", path, c)
-                    if _stored(fork.session(), write) != _stored(target.session, write):
-                        conflict(write, name, f"an earlier merge into {target.describe}")
-                        continue
-                other_item = first_chunk.setdefault((path, c), item)
-                if other_item is item:
-                    continue
-                write = ("c", path, c)
-                other, _, other_name = other_item
-                if write in ledger.own.get(other.uid, nobody):
-                    continue
-                if _stored(fork.session(), write) != _stored(other.session(), write):
-                    conflict(write, name, other_name)
-        for path in changes_of[fork.uid].nodes:
-            write = ("n", path, ())
-            if write in own:
-                continue
-            owner = ledger.nodes.get(path)
-            if (
-                owner is not None
-                and owner[0] != fork.uid
-                and seen < owner[1]
-                and _stored(fork.session(), write) != _stored(target.session, write)
-            ):
-                conflict(write, name, f"an earlier merge into {target.describe}")
-                continue
-            other_item = first.setdefault(write, item)
-            if other_item is item:
-                continue
-            other, _, other_name = other_item
-            if write in ledger.own.get(other.uid, nobody):
-                continue
-            if _stored(fork.session(), write) != _stored(other.session(), write):
-                conflict(write, name, other_name)
+                if not own or ("c", path, c) not in own:
+                    check("c", path, c, owners.get(c), item)
+        for path in changes.nodes:
+            if ("n", path, ()) not in own:
+                check("n", path, (), ledger.nodes.get(path), item)
     if conflicts:
         raise _describe_overlaps(conflicts, described)
