@@ -80,8 +80,9 @@ _PICKLING_FIX = (
 class _Seed:
     """A fork of the base, made once per block, from which every task's fork is made.
 
-    In the process that made it, the fork itself is kept: a task's fork there is a fork of
-    it (no pickling, and in-memory storage keeps working). Elsewhere it is the pickled bytes.
+    A task's fork is a fork of it (no pickle round trip per task). In the process that made
+    it, the seed is the fork itself, so in-memory storage keeps working; elsewhere it arrives
+    as bytes and is unpickled once per process.
     """
 
     __slots__ = ("_blob", "_session", "lineage")
@@ -107,10 +108,8 @@ class _Seed:
 
     def new_fork(self) -> Fork:
         """A new live fork of the base as it was when the seed was made."""
-        if self._session is not None:
-            session = self._session.fork()  # a fork of a clean fork writes nothing
-            return Fork(uid=uuid.uuid4().hex, seen=self.lineage.version, session=session, live=True)
-        return Fork(uid=uuid.uuid4().hex, seen=self.lineage.version, blob=self.blob(), live=True)
+        session = self.session().fork()  # a fork of a clean fork writes nothing
+        return Fork(uid=uuid.uuid4().hex, seen=self.lineage.version, session=session, live=True)
 
 
 @dataclass(slots=True)
