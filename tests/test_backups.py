@@ -16,7 +16,7 @@ import pytest
 import slow_tasks
 from icechunk_distributed.adapters import Adapter, Capabilities
 from icechunk_distributed.adapters.local import FuturesAdapter, SerialAdapter
-from icechunk_distributed.runner import Backups, run_batch, run_loop
+from icechunk_distributed.runner import Backups, TaskLoop, run_batch
 
 N = 8
 SLOW = 1  # the straggling task
@@ -78,7 +78,7 @@ def engines():
 
 
 class Run:
-    """The callbacks' record of one ``run_loop``."""
+    """The callbacks' record of one ``TaskLoop`` run."""
 
     def __init__(self):
         self.wins = {}  # index -> (index, winning attempt), the result on_success received
@@ -91,26 +91,31 @@ class Run:
         self.wins[i] = result
         self.attempts[i] = attempts
 
+    def on_event(self, event):
+        self.events.append(event)
+
+    def close(self):
+        pass
+
     def kinds(self, kind):
         return [(e.index, e.attempt) for e in self.events if e.kind == kind]
 
 
 def run(adapter, flags, script, *, n=N, backups=QUICK, retries=0, stop_early=True, batch=None):
     record = Run()
-    run_loop(
+    loop = TaskLoop(
         adapter,
         slow_tasks.task if batch is None else functools.partial(run_batch, slow_tasks.task),
-        n,
-        lambda i, attempt: (i, attempt, script, str(flags), stop_early),
         retries=retries,
         is_success=lambda result: not isinstance(result, BaseException),
         describe_error=repr,
         on_success=record.on_success,
-        on_failure=lambda i, result, attempts: record.failures.append((i, attempts)),
-        on_event=record.events.append,
         batch_size=None if batch is None else (lambda n: batch),
         backups=backups,
+        observers=[record],
     )
+    failed = loop.run(n, lambda i, attempt: (i, attempt, script, str(flags), stop_early))
+    record.failures = [(f.index, f.attempts) for f in failed]
     return record
 
 

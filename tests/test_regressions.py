@@ -12,7 +12,7 @@ import icechunk_distributed as icd
 from conftest import read_back
 from icechunk_distributed import run_region_writes, store_arrays
 from icechunk_distributed.adapters.local import SerialAdapter
-from icechunk_distributed.runner import run_loop
+from icechunk_distributed.runner import TaskLoop
 from tasks import DieOnce, full_dataset, load_region
 
 ENC = {"Tair": {"chunks": (2, 6, 8)}, "station": {"chunks": (2,)}}
@@ -26,11 +26,10 @@ def test_an_exception_in_the_merge_callback_propagates():
             raise OSError("merge failed")
 
     with pytest.raises(OSError, match="merge failed"):
-        run_loop(
-            SerialAdapter(), lambda x: x, 3, lambda i, a: i, retries=0,
-            is_success=lambda r: True, describe_error=str,
-            on_success=on_success, on_failure=lambda *a: None,
-        )  # fmt: skip
+        TaskLoop(
+            SerialAdapter(), lambda x: x, retries=0,
+            is_success=lambda r: True, describe_error=str, on_success=on_success,
+        ).run(3, lambda i, a: i)  # fmt: skip
 
 
 def test_store_arrays_refuses_one_target_twice(repo):

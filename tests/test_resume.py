@@ -148,12 +148,12 @@ def test_target_moved_during_the_run_keeps_the_complete_result(repo):
 
 
 def test_stopped_between_commit_and_publication(repo, monkeypatch):
-    from icechunk_distributed import writer
+    from icechunk_distributed import resume
 
     def crash(self, snapshot_id):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(writer._Resumable, "publish", crash)
+    monkeypatch.setattr(resume.ResumableRun, "publish", crash)
     with pytest.raises(KeyboardInterrupt):
         run_region_writes(load_region, repo, **RUN, run_id="r6")
     monkeypatch.undo()
@@ -294,13 +294,13 @@ def test_a_published_run_is_not_written_again_after_later_commits(repo):
 
 
 def test_stopped_between_publication_and_clean_up(repo, monkeypatch):
-    from icechunk_distributed import writer
+    from icechunk_distributed import resume
 
     def publish_then_die(self, snapshot_id):
         self.repo.reset_branch(self.branch, snapshot_id, from_snapshot_id=self.base)
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(writer._Resumable, "publish", publish_then_die)
+    monkeypatch.setattr(resume.ResumableRun, "publish", publish_then_die)
     with pytest.raises(KeyboardInterrupt):
         run_region_writes(load_region, repo, **RUN, run_id="r8")
     monkeypatch.undo()

@@ -281,8 +281,10 @@ def test_store_arrays(repo, executor):
     b = zarr.create_array(session.store, name="b", shape=(8,), chunks=(2,), shards=(4,), dtype="i4")
     src_a = np.arange(60.0).reshape(10, 6)
     src_b = da.arange(8, chunks=3, dtype="i4")
-    merged = store_arrays([src_a, src_b], [a, b], executor=executor, progress=False)
-    merged.commit("arrays")
+    result = store_arrays([src_a, src_b], [a, b], executor=executor, progress=False)
+    assert result.snapshot_id is None and result.n_regions == len(result.tasks)
+    assert result.session.has_uncommitted_changes
+    result.session.commit("arrays")
     store = repo.readonly_session("main").store
     np.testing.assert_array_equal(zarr.open_array(store, path="a")[:], src_a)
     np.testing.assert_array_equal(zarr.open_array(store, path="b")[:], np.arange(8))
@@ -344,7 +346,7 @@ def test_store_arrays_explicit_regions_are_validated(repo):
     a = zarr.create_array(session.store, name="a", shape=(10,), chunks=(4,), dtype="f8")
     with pytest.raises(InvalidRegionError, match="chunk size 4"):
         store_arrays(np.arange(10.0), a, regions=[(slice(0, 5),), (slice(5, 10),)])
-    merged = store_arrays(np.arange(10.0), a, regions=[(slice(0, 8),), (slice(8, 10),)])
+    merged = store_arrays(np.arange(10.0), a, regions=[(slice(0, 8),), (slice(8, 10),)]).session
     merged.commit("explicit")
     np.testing.assert_array_equal(
         zarr.open_array(repo.readonly_session("main").store, path="a")[:], np.arange(10.0)
@@ -361,9 +363,9 @@ def test_store_arrays_into_part_of_the_arrays(repo, executor):
     session = icd.writable_session(repo)
     a = zarr.open_array(session.store, path="a", mode="r+")
     src = np.arange(16.0).reshape(4, 4)
-    merged = store_arrays(src, a, region=(slice(4, 8), slice(None)), executor=executor)
+    merged = store_arrays(src, a, region=(slice(4, 8), slice(None)), executor=executor).session
     whole = np.full((12, 4), 5.0)
-    merged = store_arrays(whole, a, regions=[(slice(0, 4),)], executor=executor)
+    merged = store_arrays(whole, a, regions=[(slice(0, 4),)], executor=executor).session
     merged.commit("parts")
     got = zarr.open_array(repo.readonly_session("main").store, path="a")[:]
     np.testing.assert_array_equal(got[0:4], 5.0)

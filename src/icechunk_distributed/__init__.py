@@ -7,6 +7,7 @@ Importing this package imports no executor (ray, lithops, dask, joblib).
 
 from icechunk_distributed._version import __version__
 from icechunk_distributed.adapters import Adapter, Capabilities
+from icechunk_distributed.api import plan_regions, run_region_writes
 from icechunk_distributed.arrays import store_arrays
 from icechunk_distributed.errors import (
     CommitConflictError,
@@ -27,7 +28,9 @@ from icechunk_distributed.errors import (
     UnpicklableSourceError,
     UnshareableStorageError,
 )
-from icechunk_distributed.runner import Backups, ProgressEvent
+from icechunk_distributed.progress import ProgressEvent
+from icechunk_distributed.results import TaskFailure, TaskRecord, WriteResult
+from icechunk_distributed.runner import Backups
 from icechunk_distributed.runs import (
     CleanupReport,
     RunInfo,
@@ -42,14 +45,7 @@ from icechunk_distributed.session import (
     merge_sessions,
     writable_session,
 )
-from icechunk_distributed.writer import (
-    RegionWriter,
-    TaskFailure,
-    TaskRecord,
-    WriteResult,
-    plan_regions,
-    run_region_writes,
-)
+from icechunk_distributed.writer import RegionWriter
 
 __all__ = [
     "Adapter",

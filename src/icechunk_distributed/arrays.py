@@ -1,4 +1,10 @@
-"""Region-parallel writes of plain numpy or dask arrays into zarr arrays (no xarray)."""
+"""Region-parallel writes of plain numpy or dask arrays into zarr arrays (no xarray).
+
+The same pipeline as a Dataset write, without a template: each target array's chunk grid is
+planned (``planning``), one task per region writes a slice of the source through its own
+fork (``_write_array``), the loop runs them (``dispatch``), and the results are merged into
+the targets' session only when every region succeeded: all or nothing.
+"""
 
 from __future__ import annotations
 
@@ -10,16 +16,18 @@ from typing import Any
 import icechunk
 import numpy as np
 
-from icechunk_distributed.adapters import get_adapter
+from icechunk_distributed.adapters import Adapter, open_adapter
+from icechunk_distributed.dispatch import region_write_error, run_region_tasks
 from icechunk_distributed.errors import (
     InvalidRegionError,
     TemplateMismatchError,
     UnpicklableSourceError,
 )
 from icechunk_distributed.planning import Region, WritePlan, build_plan, check_slice
+from icechunk_distributed.progress import Progress
+from icechunk_distributed.results import TaskRecord, WriteResult
 from icechunk_distributed.session import DistributedSession, SessionSnapshot, merge_sessions
 from icechunk_distributed.task import TaskOutput, check_inside, failed, received, worker_name
-from icechunk_distributed.writer import Progress, fan_out
 
 __all__ = ["store_arrays"]
 
@@ -92,6 +100,66 @@ def _placement(region: tuple[slice, ...] | None, shape: tuple[int, ...], tgt: An
     return starts
 
 
+def _session_of(targets: list[Any]) -> DistributedSession:
+    """The one writable icechunk session all targets are opened on."""
+    paths = [t.path for t in targets]
+    if len(set(paths)) != len(paths):
+        raise ValueError(
+            f"targets {paths} name the same array more than once: each array takes one source"
+        )
+    if not all(isinstance(t.store, icechunk.IcechunkStore) for t in targets):
+        raise TypeError("targets must be zarr arrays opened on an icechunk session's store")
+    base = targets[0].store.session
+    if any(t.store.session != base for t in targets[1:]):
+        raise TypeError("all targets must belong to one writable icechunk session")
+    return DistributedSession(base)
+
+
+def _plan(
+    src: Any,
+    tgt: Any,
+    region: tuple[slice, ...] | None,
+    regions: Sequence[tuple[slice, ...]] | None,
+    task_size: int | str | None,
+) -> WritePlan:
+    """One target's plan: its write units (shards, else chunks), placed where ``region`` says."""
+    dims = tuple(f"axis_{k}" for k in range(tgt.ndim))
+    offsets = _placement(region, tuple(src.shape), tgt)
+    grid = tgt.shards or tgt.chunks
+    return build_plan(
+        dims={tgt.path: dims},
+        units={tgt.path: dict(zip(dims, grid, strict=True))},
+        itemsizes={tgt.path: np.dtype(tgt.dtype).itemsize},
+        sizes=dict(zip(dims, src.shape, strict=True)),
+        offsets=dict(zip(dims, offsets, strict=True)),
+        region_dims=dims if regions is not None else None,
+        regions=None if regions is None else [dict(zip(dims, r, strict=False)) for r in regions],
+        task_size=task_size,
+        require_cover=False,
+    )
+
+
+def _check_shippable(
+    adapter: Adapter, session: DistributedSession, srcs: list[Any], paths: list[str]
+) -> None:
+    """For engines that cross processes: reachable storage, picklable sources."""
+    if not adapter.capabilities.crosses_processes:
+        return
+    import cloudpickle
+
+    session.check_shareable()  # in-memory storage cannot reach worker processes
+    for src, path in zip(srcs, paths, strict=True):
+        first = tuple(slice(0, min(1, n)) for n in src.shape)
+        try:
+            cloudpickle.dumps(src[first])
+        except Exception as exc:
+            raise UnpicklableSourceError(
+                f"the source for {path!r} cannot be pickled for worker processes ({exc}); "
+                "use executor='threads'"
+            ) from exc
+
+
+# long: half of it is the docstring; the body builds tasks inline (they close over it).
 def store_arrays(
     sources: Sequence[Any] | Any,
     targets: Sequence[Any] | Any,
@@ -103,7 +171,7 @@ def store_arrays(
     progress: Progress = None,
     task_size: int | str | None = None,
     workers: int | None = None,
-) -> DistributedSession:
+) -> WriteResult:
     """Write numpy or dask arrays into zarr arrays of a writable session, region-parallel.
 
     Parameters
@@ -133,75 +201,31 @@ def store_arrays(
 
     Returns
     -------
-    DistributedSession
-        The targets' session with every region merged in, not committed.
+    WriteResult
+        Counts, bytes, seconds and per-task records; ``session`` is the targets' session
+        (a :class:`~icechunk_distributed.DistributedSession`) with every region merged in,
+        not committed (``snapshot_id`` is None).
 
     Raises
     ------
     RegionWriteError
-        Some regions failed on every attempt. The regions that succeeded are merged into the
-        session (uncommitted): commit what is there, or ``discard_changes()``.
+        Some regions failed on every attempt. Nothing was merged: the session holds what it
+        held before the call.
     """
+    t0 = time.perf_counter()
     single = not isinstance(targets, list | tuple)
     srcs: list[Any] = [sources] if single else list(sources)
     tgts: list[Any] = [targets] if single else list(targets)
     if len(srcs) != len(tgts):
         raise ValueError(f"{len(srcs)} sources for {len(tgts)} targets")
-    paths = [t.path for t in tgts]
-    if len(set(paths)) != len(paths):
-        raise ValueError(
-            f"targets {paths} name the same array more than once: each array takes one source"
-        )
-    if not all(isinstance(t.store, icechunk.IcechunkStore) for t in tgts):
-        raise TypeError("targets must be zarr arrays opened on an icechunk session's store")
-    base = tgts[0].store.session
-    if any(t.store.session != base for t in tgts[1:]):
-        raise TypeError("all targets must belong to one writable icechunk session")
-    session = DistributedSession(base)
-    plans: list[tuple[str, WritePlan]] = []
-    for src, tgt in zip(srcs, tgts, strict=True):
-        dims = tuple(f"axis_{k}" for k in range(tgt.ndim))
-        offsets = _placement(region, tuple(src.shape), tgt)
-        grid = tgt.shards or tgt.chunks
-        plan = build_plan(
-            dims={tgt.path: dims},
-            units={tgt.path: dict(zip(dims, grid, strict=True))},
-            itemsizes={tgt.path: np.dtype(tgt.dtype).itemsize},
-            sizes=dict(zip(dims, src.shape, strict=True)),
-            offsets=dict(zip(dims, offsets, strict=True)),
-            region_dims=dims if regions is not None else None,
-            regions=None
-            if regions is None
-            else [dict(zip(dims, r, strict=False)) for r in regions],
-            task_size=task_size,
-            require_cover=False,
-        )
-        plans.append((tgt.path, plan))
+    session = _session_of(tgts)
+    plans = [
+        (t.path, _plan(s, t, region, regions, task_size)) for s, t in zip(srcs, tgts, strict=True)
+    ]
     work = [(k, r) for k, (_, p) in enumerate(plans) for r in p.regions]
-    adapter = get_adapter(executor, workers=workers)
-    crosses = adapter.capabilities.crosses_processes
-    if crosses:
-        import cloudpickle
-
-        try:
-            session.check_shareable()  # in-memory storage cannot reach worker processes
-        except Exception:
-            if adapter is not executor:
-                adapter.close()
-            raise
-
-        for k, (path, _) in enumerate(plans):
-            first = tuple(slice(0, min(1, n)) for n in srcs[k].shape)
-            try:
-                cloudpickle.dumps(srcs[k][first])
-            except Exception as exc:
-                if adapter is not executor:
-                    adapter.close()
-                raise UnpicklableSourceError(
-                    f"the source for {path!r} cannot be pickled for worker processes ({exc}); "
-                    "use executor='threads'"
-                ) from exc
-    try:
+    outputs: dict[int, tuple[TaskOutput, int]] = {}
+    with open_adapter(executor, workers=workers) as adapter:
+        _check_shippable(adapter, session, srcs, [p for p, _ in plans])
         with session.allow_pickling() as snapshot:
 
             def build(i: int, attempt: int) -> _ArrayTask:
@@ -215,9 +239,9 @@ def store_arrays(
                 return _ArrayTask(snap, path, dims, placed, data, plan.units[path])
 
             def on_success(i: int, out: TaskOutput, attempts: int) -> None:
-                merge_sessions(session, out.snapshot)
+                outputs[i] = (out, attempts)  # merged once every region has succeeded
 
-            fan_out(
+            failures = run_region_tasks(
                 adapter,
                 _write_array,
                 [region for _, region in work],
@@ -227,7 +251,23 @@ def store_arrays(
                 item_bytes=0,
                 on_success=on_success,
             )
-    finally:
-        if adapter is not executor:
-            adapter.close()
-    return session
+        if failures:
+            raise region_write_error(
+                failures, n_regions=len(work), retries=retries, outcome="nothing was merged"
+            )
+        merge_sessions(session, *[out.snapshot for out, _ in outputs.values()])
+    tasks = [
+        TaskRecord(i, work[i][1], out.seconds, n, out.worker, out.n_chunks, out.nbytes)
+        for i, (out, n) in sorted(outputs.items())
+    ]
+    return WriteResult(
+        snapshot_id=None,
+        branch=session.branch,
+        n_regions=len(work),
+        n_chunks=sum(t.n_chunks for t in tasks),
+        bytes_written=sum(t.nbytes for t in tasks),
+        seconds=time.perf_counter() - t0,
+        tasks=tasks,
+        executor=adapter.name,
+        session=session,
+    )

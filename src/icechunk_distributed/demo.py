@@ -19,7 +19,7 @@ from typing import TextIO
 import numpy as np
 import xarray as xr
 
-from icechunk_distributed.writer import run_region_writes
+from icechunk_distributed.api import run_region_writes
 
 __all__ = ["DemoResult", "DemoSpec", "run_demo", "synthetic_dataset"]
 

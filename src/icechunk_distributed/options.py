@@ -21,20 +21,23 @@ import xarray as xr
 from icechunk_distributed.errors import TemplateMismatchError
 from icechunk_distributed.planning import parse_bytes
 from icechunk_distributed.runs import RUN_BRANCH_PREFIX
+from icechunk_distributed.template import MODES
 
 if TYPE_CHECKING:
     from icechunk import Repository
 
-    from icechunk_distributed.runner import ProgressEvent
+    from icechunk_distributed.progress import ProgressEvent
 
 __all__ = [
     "RESERVED_METADATA_KEYS",
     "check_branch",
+    "check_checkpoint_every",
     "check_encoding",
     "check_message",
     "check_metadata",
     "check_progress",
     "check_retries",
+    "check_source",
     "check_task_size",
     "check_template_matches",
     "check_workers",
@@ -203,6 +206,23 @@ def check_retries(retries: object) -> int:
         low="retries must be at least 0 (extra attempts per failed region), got {}; use 0 "
         "for no retries",
     )
+
+
+def check_checkpoint_every(checkpoint_every: object) -> float:
+    """Check ``checkpoint_every``: positive, finite seconds (numpy scalars too, not bools).
+
+    Returns
+    -------
+    float
+        The seconds.
+    """
+    try:
+        every = float(checkpoint_every)  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        every = math.nan
+    if isinstance(checkpoint_every, bool) or not 0 < every < math.inf:
+        raise ValueError(f"checkpoint_every must be positive (seconds), got {checkpoint_every}")
+    return every
 
 
 def check_progress(progress: object) -> bool | Callable[[ProgressEvent], None] | None:
@@ -458,6 +478,59 @@ def check_encoding(
             )
         out[name] = dict(enc)
     return out
+
+
+def check_source(
+    source: xr.Dataset | Callable[[dict[str, slice]], xr.Dataset],
+    template: xr.Dataset | None,
+    *,
+    mode: str,
+    append_dim: str | None,
+    region: object,
+) -> tuple[xr.Dataset, xr.Dataset | None, Callable[[dict[str, slice]], xr.Dataset] | None]:
+    """Check the source, template and mode arguments; refuse what ``to_zarr`` refuses.
+
+    Returns
+    -------
+    tuple
+        The template (the source itself if it is a Dataset), the source Dataset or None,
+        and the loader or None.
+    """
+    loader: Callable[[dict[str, slice]], xr.Dataset] | None = None
+    dataset: xr.Dataset | None = None
+    if isinstance(source, xr.Dataset):
+        if template is not None:
+            check_template_matches(source, template)
+        template, dataset = source, source
+    elif callable(source):
+        if template is None:
+            raise TypeError(
+                "a loader source needs template=: a Dataset with the full shape, dtypes, "
+                "coordinates and attributes (lazy is fine), e.g. built with dask arrays"
+            )
+        loader = source
+    else:
+        raise TypeError(
+            "source must be an xarray.Dataset or a callable load(region) -> Dataset, "
+            f"not {type(source).__name__}"
+        )
+    if not isinstance(template, xr.Dataset):
+        raise TypeError(f"template must be an xarray.Dataset, not {type(template).__name__}")
+    if mode not in MODES:
+        raise ValueError(f"mode must be one of {', '.join(map(repr, MODES))}; got {mode!r}")
+    if append_dim is not None and mode not in ("a", "a-"):
+        raise ValueError(f"append_dim= goes with mode='a' or 'a-', not mode={mode!r}")
+    if append_dim is not None and append_dim not in template.dims:
+        raise ValueError(
+            f"append_dim {append_dim!r} is not a dimension of the template ({list(template.dims)})"
+        )
+    if region is not None and mode not in ("r+", "a"):
+        raise ValueError(
+            f"region= writes into existing arrays: use mode='r+' (or 'a'), not {mode!r}"
+        )
+    if region is not None and append_dim is not None:
+        raise ValueError("region= and append_dim= cannot go together")
+    return template, dataset, loader
 
 
 def check_template_matches(source: object, template: xr.Dataset | None) -> None:

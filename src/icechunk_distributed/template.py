@@ -1,4 +1,4 @@
-"""What to write: the template, its encodings decided once by xarray, and the store's checks.
+"""What to write: the template, and its encodings decided once by xarray's own machinery.
 
 ``Dataset.to_zarr`` decides every encoding (chunks, dtype, units and calendar of times, fill
 values, scale/offset, strings, codecs) from the *whole* dataset. A parallel write must decide
@@ -25,28 +25,22 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 import numpy as np
-import pandas as pd
 import xarray as xr
 
-from icechunk_distributed.errors import InvalidRegionError, TemplateMismatchError
-from icechunk_distributed.planning import check_slice, default_region_dims
+from icechunk_distributed.planning import default_region_dims
 
 __all__ = [
     "MODES",
     "Mode",
-    "StoreState",
     "TemplateInfo",
     "decide_encodings",
     "describe_template",
+    "is_lazy",
     "is_time_like",
-    "metadata_dataset",
     "normalise_chunks",
     "pinned_chunks",
-    "read_store",
-    "resolve_region",
     "stored_encodings",
     "task_encoding",
-    "write_metadata",
 ]
 
 Mode = Literal["w-", "w", "a", "a-", "r+"]
@@ -74,7 +68,8 @@ def normalise_chunks(chunks: Any, var: xr.Variable) -> dict[str, int] | None:
     }
 
 
-def _is_lazy(var: xr.Variable) -> bool:
+def is_lazy(var: xr.Variable) -> bool:
+    """Whether the variable's data is a lazy (dask) array."""
     return var.chunks is not None
 
 
@@ -124,7 +119,7 @@ def pinned_chunks(var: xr.Variable, name: str, encoding: Mapping[str, Any]) -> d
     """
     if encoding.get("chunks") is not None or encoding.get("shards") is not None or not var.ndim:
         return {}
-    if _is_lazy(var):
+    if is_lazy(var):
         assert var.chunks is not None
         return {"chunks": tuple(int(c[0]) if c else 0 for c in var.chunks)}
     return {"chunks": _zarr_default_chunks(var, name, encoding)}
@@ -173,6 +168,7 @@ def units_of(var: xr.Variable, encoding: Mapping[str, Any]) -> dict[str, int]:
     return {str(d): max(1, int(var.sizes[d])) for d in var.dims}
 
 
+# long: 25 lines of docstring; one pass over the variables, clearer whole.
 def describe_template(
     template: xr.Dataset,
     *,
@@ -266,187 +262,6 @@ def _itemsize(dtype: np.dtype[Any]) -> int:
 
 
 # ---------------------------------------------------------------------------------------------
-# The store as it is
-
-
-@dataclass
-class StoreState:
-    """What a group of the store holds, as far as a write into it cares.
-
-    Attributes
-    ----------
-    dataset : xarray.Dataset
-        The group opened by xarray (lazy, index coordinates in memory).
-    units : dict
-        Each array's write unit (shard, else chunk) per dimension.
-    dims : dict
-        Each array's dimension names.
-    """
-
-    dataset: xr.Dataset
-    units: dict[str, dict[str, int]]
-    dims: dict[str, tuple[str, ...]]
-
-    @property
-    def sizes(self) -> dict[str, int]:
-        """Dimension sizes in the store."""
-        return {str(d): int(n) for d, n in self.dataset.sizes.items()}
-
-
-def read_store(store: Any, group: str | None) -> StoreState | None:
-    """The group's arrays and index coordinates (None if the group does not exist)."""
-    import zarr
-
-    try:
-        zgroup = zarr.open_group(store, path=group or "", mode="r")
-    except (FileNotFoundError, zarr.errors.GroupNotFoundError, KeyError):
-        return None
-    arrays = dict(zgroup.arrays())
-    if not arrays:
-        return StoreState(xr.Dataset(), {}, {})
-    try:
-        dataset = xr.open_zarr(store, group=group, consolidated=False, chunks=None)
-    except (KeyError, ValueError) as exc:
-        raise TemplateMismatchError(
-            f"group {group or '/'!r} cannot be read as an xarray Dataset ({exc}); writing into "
-            "it needs arrays written by xarray (with dimension names)"
-        ) from exc
-    units, dims = {}, {}
-    for name, array in arrays.items():
-        if name not in dataset.variables:
-            continue
-        var_dims = tuple(str(d) for d in dataset[name].dims)
-        grid = array.shards or array.chunks
-        units[name] = {d: int(c) for d, c in zip(var_dims, grid, strict=True)}
-        dims[name] = var_dims
-    return StoreState(dataset, units, dims)
-
-
-def resolve_region(
-    region: Mapping[str, Any] | Literal["auto"],
-    template: xr.Dataset,
-    state: StoreState,
-) -> dict[str, slice]:
-    """``to_zarr(region=...)`` semantics: explicit slices checked, ``"auto"`` from labels.
-
-    Parameters
-    ----------
-    region : dict or "auto"
-        ``{dim: slice}`` (step 1, integer bounds within the stored size) or ``"auto"`` (per
-        dimension or for all), found from the index coordinates' labels in the store.
-    template : xarray.Dataset
-        What is written.
-    state : StoreState
-        The store.
-
-    Returns
-    -------
-    dict
-        ``{dim: slice(start, stop)}`` with integer bounds, for the source's dims listed.
-    """
-    if isinstance(region, str):
-        if region != "auto":
-            raise InvalidRegionError(f"region must be a dict of slices or 'auto', not {region!r}")
-        region = {str(d): "auto" for d in template.dims}
-    if not isinstance(region, Mapping):
-        raise InvalidRegionError(
-            f"region must be a dict {{dim: slice}} or 'auto', not {type(region).__name__}"
-        )
-    stored = state.sizes
-    out: dict[str, slice] = {}
-    for dim, value in region.items():
-        dim = str(dim)
-        if dim not in template.dims:
-            raise InvalidRegionError(
-                f"region names dimension {dim!r}, which the dataset does not have "
-                f"(dimensions: {list(template.dims)})"
-            )
-        if dim not in stored:
-            raise InvalidRegionError(
-                f"region names dimension {dim!r}, which the store does not have "
-                f"(dimensions in the store: {list(stored)})"
-            )
-        size = int(template.sizes[dim])
-        if isinstance(value, str) and value == "auto":
-            out[dim] = _auto_region(dim, template, state)
-            continue
-        check_slice(f"region[{dim!r}]", value, stored[dim])
-        start = 0 if value.start is None else int(value.start)
-        stop = stored[dim] if value.stop is None else int(value.stop)
-        if not start < stop <= stored[dim]:
-            raise InvalidRegionError(
-                f"region[{dim!r}] = {start}:{stop} is empty or outside the stored dimension "
-                f"({dim!r} has size {stored[dim]} in the store)"
-            )
-        if stop - start != size:
-            raise InvalidRegionError(
-                f"region[{dim!r}] = {start}:{stop} holds {stop - start} elements, the dataset "
-                f"has {size} along {dim!r}"
-            )
-        out[dim] = slice(start, stop)
-    return out
-
-
-def _auto_region(dim: str, template: xr.Dataset, state: StoreState) -> slice:
-    size = int(template.sizes[dim])
-    if dim not in template.indexes or dim not in state.dataset.indexes:
-        return slice(0, size)  # an unindexed dimension: from the start, as xarray places it
-    index = pd.Index(state.dataset.indexes[dim])
-    positions = index.get_indexer(template.indexes[dim])
-    if (positions < 0).any():
-        missing = np.asarray(template.indexes[dim])[positions < 0]
-        raise InvalidRegionError(
-            f"region='auto': {int((positions < 0).sum())} value(s) of {dim!r} are not in the "
-            f"store (first: {missing[0]!r}); a region write cannot add labels. Append them "
-            "with mode='a', append_dim=..."
-        )
-    if (np.diff(positions) != 1).any():
-        raise InvalidRegionError(
-            f"region='auto': the values of {dim!r} are not one contiguous, ordered run of the "
-            "store's; a region write needs a contiguous block"
-        )
-    return slice(int(positions[0]), int(positions[-1]) + 1)
-
-
-def check_labels(
-    template: xr.Dataset,
-    state: StoreState,
-    offsets: Mapping[str, int],
-    *,
-    skip: Sequence[str] = (),
-) -> None:
-    """Refuse a write whose index labels differ from the stored ones where they overlap.
-
-    ``offsets`` place the dataset in the stored arrays; ``skip`` names dims with no overlap
-    (the append dim). Without this, data shifted by one step would land under the old labels.
-    """
-    for dim, index in template.indexes.items():
-        dim = str(dim)
-        if dim in skip or dim not in state.dataset.indexes:
-            continue
-        o = int(offsets.get(dim, 0))
-        stored = state.dataset.indexes[dim]
-        mine = np.asarray(index)
-        theirs = np.asarray(stored[o : o + len(mine)])
-        if len(theirs) != len(mine):
-            raise TemplateMismatchError(
-                f"the dataset's {dim!r} has {len(mine)} labels, the store holds "
-                f"{len(stored)} from position {o}: they do not fit"
-            )
-        same = theirs == mine
-        if theirs.dtype.kind in "fc":
-            same |= pd.isnull(theirs) & pd.isnull(mine)
-        if not np.all(same):
-            first = int(np.flatnonzero(~np.asarray(same))[0])
-            raise TemplateMismatchError(
-                f"the dataset's {dim!r} labels differ from the store's at position "
-                f"{o + first}: {mine[first]!r} here, {theirs[first]!r} in the store. Writing "
-                "would put the new data under the old labels. Use region='auto' to place the "
-                "data by its labels, or mode='a' with append_dim to add new ones."
-            )
-
-
-# ---------------------------------------------------------------------------------------------
 # Writing the metadata through xarray
 
 
@@ -491,92 +306,6 @@ def task_encoding(stored: Mapping[str, Any], decided: Mapping[str, Any] | None) 
     if decided is not None and "units" not in stored:
         enc.update({k: decided[k] for k in _PACKING if k in decided})
     return enc
-
-
-def metadata_dataset(
-    template: xr.Dataset,
-    info: TemplateInfo,
-    decided: Mapping[str, Mapping[str, Any]],
-    explicit: Mapping[str, Mapping[str, Any]],
-    *,
-    eager: xr.Dataset | None,
-) -> tuple[xr.Dataset, dict[str, dict[str, Any]], list[str]]:
-    """The dataset and ``encoding=`` that ``to_zarr(compute=False)`` writes the metadata from.
-
-    Numpy-backed task variables become lazy stand-ins (never computed) with the chunks
-    ``to_zarr`` would give the real data; the coordinator's own variables come from ``eager``
-    (else the template). Everything in memory is written by xarray itself, exactly as
-    ``to_zarr`` writes it; lazy coordinator variables are not (``compute=False``): their
-    names are returned, for the coordinator to write them as tasks write theirs.
-
-    Returns
-    -------
-    tuple
-        The dataset, the ``encoding=`` argument for ``to_zarr``, and the lazy variables the
-        coordinator still has to write.
-    """
-    import dask.array as da
-
-    param = {n: dict(decided.get(n, v)) for n, v in explicit.items()}
-    meta = template.copy()
-    for name in info.dims:
-        var = template[name].variable
-        if _is_lazy(var):
-            continue
-        grid = tuple(info.all_units[name][str(d)] for d in var.dims)
-        data = da.from_array(var.data, chunks=grid, name=False)  # type: ignore[no-untyped-call]
-        stand_in = var.copy(deep=False, data=data)
-        if name not in param and name in decided:
-            stand_in.encoding = dict(decided[name])
-        meta[name] = stand_in
-    if eager is not None and eager is not template:
-        # Values from the loader; dims, attributes and encoding are the template's.
-        for name in info.eager_vars:
-            var = template[name].variable
-            loaded = var.copy(deep=False, data=eager[name].variable.data)
-            if name in decided and name not in param:
-                loaded.encoding = dict(decided[name])
-            meta[name] = loaded
-    lazy = [
-        str(n)
-        for n, v in meta.variables.items()
-        if _is_lazy(v) and (n in template.coords or n in info.eager_vars)
-    ]
-    return meta, param, lazy
-
-
-def write_metadata(
-    store: Any,
-    meta: xr.Dataset,
-    encoding: Mapping[str, Mapping[str, Any]],
-    *,
-    group: str | None,
-    mode: Mode,
-    append_dim: str | None,
-    region: Mapping[str, slice] | None,
-) -> None:
-    """Write ``meta`` (from :func:`metadata_dataset`) with ``to_zarr(compute=False)``.
-
-    xarray creates (mode ``w``/``w-``/``a``), grows (``append_dim``) or opens the arrays,
-    writes attributes, coordinates and every in-memory variable, and checks the mode, the
-    region and the encodings as ``to_zarr`` does. The lazy stand-ins are never computed; they
-    need not line up with the chunks (``safe_chunks=False``): tasks write whole chunks.
-    """
-    if region:
-        # to_zarr refuses region writes of index coordinates: they were checked against the
-        # store's (check_labels) and are not written again.
-        meta = meta.drop_vars(list(meta.indexes))
-    meta.to_zarr(
-        store,
-        group=group,
-        mode=mode,
-        append_dim=append_dim,
-        region=dict(region) if region else None,
-        encoding={k: dict(v) for k, v in encoding.items() if k in meta.variables} or None,
-        compute=False,
-        consolidated=False,
-        safe_chunks=False,
-    )
 
 
 def stored_encodings(

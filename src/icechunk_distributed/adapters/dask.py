@@ -5,7 +5,8 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
-from icechunk_distributed.adapters import (
+from icechunk_distributed.adapters.base import (
+    IN_FLIGHT_PER_WORKER,
     Adapter,
     Capabilities,
     ItemFeed,
@@ -65,7 +66,7 @@ class DaskAdapter(Adapter):
     ) -> Iterator[Outcome]:
         """Submit with bounded tasks in flight; yield as ``as_completed`` returns them."""
         distributed = import_engine("distributed", "dask")
-        limit = 2 * self.capabilities.parallelism
+        limit = IN_FLIGHT_PER_WORKER * self.capabilities.parallelism
         feed = ItemFeed(items)
         keys: dict[Any, Any] = {}
         # The client's own loop: the client need not be the default one.

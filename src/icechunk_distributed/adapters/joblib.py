@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
-from icechunk_distributed.adapters import Adapter, Capabilities, Outcome, import_engine
+from icechunk_distributed.adapters.base import Adapter, Capabilities, Outcome, import_engine
 
 __all__ = ["JoblibAdapter"]
 
@@ -53,7 +53,6 @@ class JoblibAdapter(Adapter):
         return Capabilities(
             crosses_processes=not self._threads,
             parallelism=self._parallelism,
-            supports_cancel=False,
         )
 
     def map_unordered(

@@ -8,7 +8,7 @@ import time
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
-from icechunk_distributed.adapters import (
+from icechunk_distributed.adapters.base import (
     Adapter,
     Capabilities,
     ItemFeed,
@@ -160,7 +160,6 @@ class LithopsAdapter(Adapter):
         return Capabilities(
             crosses_processes=True,
             parallelism=int(self._workers),
-            supports_cancel=False,
             per_call_overhead=0.4,
             max_arg_bytes=self.data_limit,
             supports_backups=self._backups,

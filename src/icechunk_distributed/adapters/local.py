@@ -16,7 +16,13 @@ from concurrent.futures import (
 )
 from typing import Any
 
-from icechunk_distributed.adapters import Adapter, Capabilities, ItemFeed, Outcome
+from icechunk_distributed.adapters.base import (
+    IN_FLIGHT_PER_WORKER,
+    Adapter,
+    Capabilities,
+    ItemFeed,
+    Outcome,
+)
 
 __all__ = ["FuturesAdapter", "SerialAdapter", "safe_mp_context"]
 
@@ -35,7 +41,7 @@ class SerialAdapter(Adapter):
     @property
     def capabilities(self) -> Capabilities:
         """One task at a time, in this process."""
-        return Capabilities(crosses_processes=False, parallelism=1, supports_cancel=False)
+        return Capabilities(crosses_processes=False, parallelism=1)
 
     def map_unordered(
         self,
@@ -130,7 +136,7 @@ class FuturesAdapter(Adapter):
         poll: float | None = None,
     ) -> Iterator[Outcome]:
         """Keep ``2 x parallelism`` tasks in flight; yield each as it completes."""
-        limit = 2 * self._parallelism
+        limit = IN_FLIGHT_PER_WORKER * self._parallelism
         feed = ItemFeed(items)
         pending: dict[Future[Any], tuple[Any, Executor]] = {}
         try:

@@ -6,7 +6,8 @@ import os
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
-from icechunk_distributed.adapters import (
+from icechunk_distributed.adapters.base import (
+    IN_FLIGHT_PER_WORKER,
     Adapter,
     Capabilities,
     ItemFeed,
@@ -43,7 +44,7 @@ class RayAdapter(Adapter):
             ray.init(num_cpus=num_cpus, include_dashboard=False, log_to_driver=False)
             self._started = True
         self._cpus = max(1, int(ray.cluster_resources().get("CPU", 1)))
-        self._max_in_flight = max_in_flight or 2 * self._cpus
+        self._max_in_flight = max_in_flight or IN_FLIGHT_PER_WORKER * self._cpus
 
     @property
     def capabilities(self) -> Capabilities:

@@ -1,0 +1,187 @@
+"""Region tasks through the run loop: ship arguments, batch, report, collect what failed.
+
+Shared by :class:`~icechunk_distributed.RegionWriter` and
+:func:`~icechunk_distributed.store_arrays` (and any later source): the caller builds one
+task argument per region and merges each :class:`~icechunk_distributed.task.TaskOutput` in
+``on_success``; this module pickles arguments for engines that cross processes, batches them
+for engines whose calls are expensive, turns ``progress=`` into observers, and returns the
+regions that failed on every attempt. The caller raises :func:`region_write_error` with what
+its failure leaves behind.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING, Any
+
+from icechunk_distributed.errors import RegionWriteError
+from icechunk_distributed.planning import Region, format_region
+from icechunk_distributed.progress import Progress, ProgressEvent, ProgressObserver, observers_for
+from icechunk_distributed.results import TaskFailure
+from icechunk_distributed.runner import Backups, LoopFailure, TaskLoop, batch_rule, run_batch
+from icechunk_distributed.task import TaskOutput
+
+if TYPE_CHECKING:
+    from icechunk_distributed.adapters import Adapter
+
+__all__ = ["SUMMARY_LINES", "region_write_error", "run_region_tasks"]
+
+SUMMARY_LINES = 10
+"""Failed regions listed in a :class:`RegionWriteError` message (all are in ``failures``)."""
+
+
+class _Renumbered:
+    """Reports the plan's region numbers instead of the loop's task numbers."""
+
+    def __init__(self, inner: ProgressObserver, number: Sequence[int]) -> None:
+        self.inner, self.number = inner, number
+
+    def on_event(self, event: ProgressEvent) -> None:
+        self.inner.on_event(dataclasses.replace(event, index=self.number[event.index]))
+
+    def close(self) -> None:
+        self.inner.close()
+
+
+def run_region_tasks(
+    adapter: Adapter,
+    fn: Callable[[Any], TaskOutput],
+    regions: Sequence[Region],
+    build: Callable[[int, int], Any],
+    *,
+    retries: int,
+    progress: Progress,
+    item_bytes: int,
+    on_success: Callable[[int, TaskOutput, int], None],
+    backups: Backups | None = None,
+    indices: Sequence[int] | None = None,
+) -> list[TaskFailure]:
+    """Run ``fn(build(i, attempt))`` for every region; return the regions that failed.
+
+    Parameters
+    ----------
+    adapter : Adapter
+        The engine.
+    fn : callable
+        The task function; it returns a :class:`~icechunk_distributed.task.TaskOutput`.
+    regions : sequence of dict
+        One region per task.
+    build : callable
+        ``build(i, attempt)``: task ``i``'s argument (pickled here if the engine needs it).
+    retries : int
+        Extra attempts per region.
+    progress : bool, callable or None
+        As ``progress=`` of :func:`~icechunk_distributed.run_region_writes`.
+    item_bytes : int
+        One task's pickled data size, to size batches under the engine's payload limit.
+    on_success : callable
+        ``on_success(i, output, attempts)`` as each task succeeds (merge there).
+    backups : Backups, optional
+        Straggler backups.
+    indices : sequence of int, optional
+        The regions' numbers in the plan, for reports (default ``range(len(regions))``).
+
+    Returns
+    -------
+    list of TaskFailure
+        The regions that failed on every attempt, by number.
+    """
+    caps = adapter.capabilities
+    number = list(range(len(regions))) if indices is None else list(indices)
+    observers = list(observers_for(progress, len(regions)))
+    if indices is not None:
+        observers = [_Renumbered(o, number) for o in observers]
+
+    def make_arg(i: int, attempt: int) -> Any:
+        task = build(i, attempt)
+        if caps.crosses_processes:
+            import cloudpickle
+
+            return cloudpickle.dumps(task)
+        return task
+
+    batch_size = batch_rule(caps, item_bytes)
+    loop = TaskLoop(
+        adapter,
+        fn if batch_size is None else functools.partial(run_batch, fn),
+        retries=retries,
+        is_success=lambda out: isinstance(out, TaskOutput) and out.ok,
+        describe_error=describe_result,
+        is_retryable=lambda out: not isinstance(out, TaskOutput) or out.retryable,
+        on_success=on_success,
+        batch_size=batch_size,
+        backups=backups,
+        observers=observers,
+    )
+    try:
+        failed = loop.run(len(regions), make_arg)
+    finally:
+        for observer in observers:
+            observer.close()
+    return [_failure(f, number[f.index], regions[f.index]) for f in failed]
+
+
+def _failure(failed: LoopFailure, index: int, region: Region) -> TaskFailure:
+    out = failed.result
+    if isinstance(out, TaskOutput):
+        return TaskFailure(
+            index, region, out.error or "", out.exception, failed.attempts, out.traceback
+        )
+    # The engine's own failure (a dead worker, a broken pool).
+    exc = out if isinstance(out, BaseException) else None
+    return TaskFailure(index, region, describe_result(out), exc, failed.attempts)
+
+
+def describe_result(out: Any) -> str:
+    """The text of a failed task's result, or of the engine's exception for it."""
+    if isinstance(out, TaskOutput):
+        return out.error or "failed"
+    if isinstance(out, BaseException):
+        return f"{type(out).__name__}: {out}"
+    return repr(out)
+
+
+def _first_line(text: str, limit: int = 300) -> str:
+    """The gist of an error for a summary line (the full text is in ``failures``)."""
+    lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
+    first = " ".join(lines[:2]) if lines else ""
+    return first if len(first) <= limit else first[: limit - 3] + "..."
+
+
+def region_write_error(
+    failures: list[TaskFailure], *, n_regions: int, retries: int, outcome: str
+) -> RegionWriteError:
+    """The error for regions that failed on every attempt.
+
+    Parameters
+    ----------
+    failures : list of TaskFailure
+        What failed (non-empty).
+    n_regions : int
+        Regions the call ran.
+    retries : int
+        Extra attempts each region had.
+    outcome : str
+        What the failure leaves behind, a clause such as ``"nothing was committed"``, then
+        optionally more sentences.
+
+    Returns
+    -------
+    RegionWriteError
+        To raise.
+    """
+    lines = "\n".join(
+        f"  region #{f.index} ({format_region(f.region)}), {f.attempts} attempt(s): "
+        + _first_line(f.error)
+        for f in failures[:SUMMARY_LINES]
+    )
+    more = len(failures) - SUMMARY_LINES
+    tail = f"\n  ... and {more} more" if more > 0 else ""
+    head, _, rest = outcome.partition("\n")
+    return RegionWriteError(
+        f"{len(failures)} of {n_regions} region(s) failed after {retries + 1} attempt(s) "
+        f"each; {head}.\n{lines}{tail}" + (f"\n{rest}" if rest else ""),
+        failures,
+    )
