@@ -27,6 +27,7 @@ __all__ = [
     "ChunkCoords",
     "Fork",
     "chunk_bytes",
+    "chunk_key",
     "claim_process",
     "node_bytes",
     "read_key",
@@ -183,8 +184,12 @@ def read_key(session: Session, key: str) -> bytes | None:
         return pool.submit(asyncio.run, _get(session.store, key)).result()
 
 
-def _chunk_key(metadata: dict[str, Any], coords: ChunkCoords) -> str:
-    # zarr v3's chunk key encodings ("default" c/0/1, "v2" 0.1), as the spec defines them.
+def chunk_key(metadata: dict[str, Any], coords: ChunkCoords) -> str:
+    """The store key of a chunk, relative to its array, from the array's ``zarr.json``.
+
+    zarr v3's chunk key encodings ("default" ``c/0/1``, "v2" ``0.1``) as the spec defines
+    them: zarr has no public function for it (``tests/test_pins.py`` checks we agree).
+    """
     encoding = metadata.get("chunk_key_encoding", {"name": "default"})
     name = encoding.get("name", "default")
     separator = encoding.get("configuration", {}).get("separator")
@@ -201,7 +206,7 @@ def chunk_bytes(session: Session, path: str, coords: ChunkCoords) -> bytes | Non
     raw = read_key(session, f"{prefix}/zarr.json")
     if raw is None:
         return None
-    return read_key(session, f"{prefix}/{_chunk_key(json.loads(raw), coords)}")
+    return read_key(session, f"{prefix}/{chunk_key(json.loads(raw), coords)}")
 
 
 def node_bytes(session: Session, path: str) -> bytes | None:
