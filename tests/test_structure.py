@@ -170,7 +170,10 @@ def test_pin_joblib_backend_detection():
         adapter = JoblibAdapter()
         assert adapter.capabilities.crosses_processes
         assert adapter.capabilities.parallelism == 2
-    with joblib.parallel_config(backend="multiprocessing"), pytest.raises(ValueError):
+    with (
+        joblib.parallel_config(backend="multiprocessing"),
+        pytest.raises(ValueError, match="forks"),
+    ):
         JoblibAdapter()
 
 

@@ -73,6 +73,13 @@ __all__ = [
 # DistributedSession
 
 
+# After a checkpoint commit, opening the next session on the branch is retried this often,
+# waiting BACKOFF, 2 x BACKOFF, ... seconds: a store that throttles for a moment must not
+# turn a committed checkpoint into a failed run.
+_REOPEN_TRIES = 3
+_REOPEN_BACKOFF = 0.5
+
+
 class DistributedSession:
     """A writable icechunk session that can be shipped to workers safely.
 
@@ -245,17 +252,17 @@ class DistributedSession:
         snapshot_id = self._session.commit(message, metadata, allow_empty=True)
         # The commit is made: from here on this object must end up writable again, or say
         # clearly that it cannot (a read-only session would refuse every later merge).
-        for attempt in range(3):
+        for attempt in range(_REOPEN_TRIES):
             try:
                 session = self._repository.writable_session(branch)
                 break
             except icechunk.IcechunkError as exc:
-                if attempt == 2:
+                if attempt == _REOPEN_TRIES - 1:
                     raise SessionStateError(
                         f"checkpoint {snapshot_id} was committed to {branch!r}, but no new "
                         f"session could be opened on it ({exc}); the progress is kept there"
                     ) from exc
-                time.sleep(0.5 * (attempt + 1))
+                time.sleep(_REOPEN_BACKOFF * (attempt + 1))
         if session.snapshot_id != snapshot_id:
             raise CommitConflictError(
                 f"branch {branch!r} moved past the checkpoint just committed: another process "
