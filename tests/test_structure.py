@@ -22,7 +22,7 @@ from icechunk_distributed.adapters.joblib import JoblibAdapter
 from icechunk_distributed.adapters.local import FuturesAdapter
 from icechunk_distributed.forks import chunk_key
 from icechunk_distributed.runner import Backups, batch_rule, pick_straggler
-from tasks import full_dataset
+from tasks import full_dataset, load_region
 
 ENC = {"Tair": {"chunks": (2, 6, 8)}, "station": {"chunks": (2,)}}
 RULE = Backups(factor=3.0, min_done=0.5, min_seconds=1.0)
@@ -191,3 +191,46 @@ def test_pin_icechunk_storage_repr_names_in_memory_storage():
     session = icd.writable_session(repo)
     with pytest.raises(icd.UnshareableStorageError):
         session.check_shareable()
+
+
+def test_the_coordinator_registry_survives_garbage_collection_inside_it():
+    """A session freed by the collector while the registry is locked must not deadlock."""
+    import gc
+
+    from icechunk_distributed.coordinator import coordinator_of
+
+    repo = icechunk.Repository.create(icechunk.in_memory_storage())
+
+    class Holder:
+        pass
+
+    for _ in range(50):
+        holder = Holder()
+        holder.session, holder.me = repo.writable_session("main"), holder  # a garbage cycle
+        coordinator_of(holder.session)
+        del holder
+    thresholds = gc.get_threshold()
+    gc.set_threshold(1, 1, 1)
+    try:
+        session = repo.writable_session("main")
+        assert coordinator_of(session) is coordinator_of(session)
+    finally:
+        gc.set_threshold(*thresholds)
+
+
+def test_failed_regions_close_the_pickling_window(repo):
+    import pickle
+
+    ds = full_dataset()
+
+    def offline(region):  # the coordinator's full read works; the tasks' reads fail
+        if region["time"] != slice(0, ds.sizes["time"]):
+            raise OSError("the source is offline")
+        return load_region(region)
+
+    writer = RegionWriter(offline, repo, template=ds.chunk({"time": 2}), retries=0)
+    writer.write_metadata()
+    with pytest.raises(RegionWriteError, match="offline"):
+        writer.write_regions("serial")
+    with pytest.raises(icd.PicklingNotAllowedError):
+        pickle.dumps(writer.session)  # the tasks' block ended with the failure

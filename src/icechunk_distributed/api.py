@@ -60,14 +60,6 @@ def _undo_on_failure() -> Iterator[_Rollback]:
         raise
 
 
-def _discarder(session: DistributedSession) -> Callable[[], None]:
-    def discard() -> None:
-        if not session.read_only:  # committed already (a later step failed): nothing to drop
-            session.discard_changes()
-
-    return discard
-
-
 def _check_run_options(
     target: object, branch: str, checkpoint_every: object, backups: object
 ) -> tuple[float, Backups | None]:
@@ -231,10 +223,10 @@ def run_region_writes(
             encoding=encoding,
             retries=retries,
             progress=progress,
-            reference=None if run is None else run.repo.readonly_session(snapshot_id=run.base),
         )
-        if writer.owns_session:
-            rollback(_discarder(writer.session))  # nothing was committed: drop it all
+        if run is not None:  # plan against the target as it was when the run started
+            writer.reference = run.repo.readonly_session(snapshot_id=run.base)
+        rollback(writer.discard)  # nothing was committed: drop it all
         with open_adapter(executor, workers=workers) as adapter:
             if run is not None:
                 snapshot_id, records, n_resumed = write_resumable(
@@ -253,9 +245,8 @@ def run_region_writes(
                 records = writer.write_regions(adapter, backups=policy)
                 snapshot_id = writer.commit(message, metadata) if commit else None
     plan = writer.write_plan
-    session = writer.session
-    if run is not None:  # its session was on the work branch, which is gone now
-        session = writable_session(run.repo, branch)
+    # A run's writer wrote on the work branch, which is gone now: a new session on the target.
+    session = writer.session if run is None else writable_session(run.repo, branch)
     return WriteResult(
         snapshot_id=snapshot_id,
         branch=branch if run is not None else writer.branch,
@@ -332,5 +323,4 @@ task_size, encoding, executor, workers
         with open_adapter(executor, workers=options.check_workers(workers)) as adapter:
             return writer.plan(**writer.limits_for(adapter.capabilities))
     finally:
-        if writer.owns_session:
-            writer.session.discard_changes()
+        writer.discard()

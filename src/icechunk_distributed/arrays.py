@@ -251,10 +251,10 @@ def store_arrays(
                 item_bytes=0,
                 on_success=on_success,
             )
-        if failures:
-            raise region_write_error(
-                failures, n_regions=len(work), retries=retries, outcome="nothing was merged"
-            )
+            if failures:  # raised inside the block: it closes the pickling window
+                raise region_write_error(
+                    failures, n_regions=len(work), retries=retries, outcome="nothing was merged"
+                )
         merge_sessions(session, *[out.snapshot for out, _ in outputs.values()])
     tasks = [
         TaskRecord(i, work[i][1], out.seconds, n, out.worker, out.n_chunks, out.nbytes)

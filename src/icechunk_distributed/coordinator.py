@@ -212,9 +212,16 @@ class Coordinator:
             for ident in list(self.thread_forks):  # merged by the checkpoint; watched after
                 self.retire(ident)
             self.history = []
-            if self.current_reset is not None:  # tasks built from now on fork the new base
-                self.current_reset()
             _register(session, self)
+
+    def after_rebind(self) -> None:
+        """After :meth:`rebind`, outside the lock: tasks built from now on fork the new base.
+
+        (Outside, because the snapshot takes its own lock, and takes this one inside it.)
+        """
+        reset = self.current_reset
+        if reset is not None:
+            reset()
 
     def next_generation(self) -> None:
         """The base committed or discarded: every earlier snapshot is now stale."""
@@ -317,7 +324,9 @@ class Coordinator:
 
 
 _REGISTRY: dict[int, Coordinator] = {}
-_REGISTRY_LOCK = threading.Lock()
+# Re-entrant: a garbage collection while the registry is locked may finalize a session and
+# call _forget on the same thread.
+_REGISTRY_LOCK = threading.RLock()
 
 
 def coordinator_of(session: Session) -> Coordinator:

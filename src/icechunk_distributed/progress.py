@@ -7,6 +7,7 @@ or both; nothing else in the package looks at ``progress=``.
 
 from __future__ import annotations
 
+import contextlib
 import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -123,7 +124,8 @@ def observers_for(progress: Progress, total: int) -> Sequence[ProgressObserver]:
     """
     observers: list[ProgressObserver] = []
     if progress is True or (progress is None and sys.stderr.isatty()):
-        observers.append(ProgressBar(total))
+        with contextlib.suppress(ImportError):  # pragma: no cover - tqdm is a dependency
+            observers.append(ProgressBar(total))
     if callable(progress) and not isinstance(progress, bool):
         observers.append(CallbackObserver(progress))
     return observers

@@ -268,8 +268,14 @@ class DistributedSession:
                 f"branch {branch!r} moved past the checkpoint just committed: another process "
                 "commits to it (a second coordinator with the same run_id?)"
             )
-        self._session = session
-        self._coord().rebind(session, left)
+        # Re-file the coordinator under the new session before this wrapper switches to it:
+        # the registry is keyed by session, and looking it up by the new one first would
+        # start an empty coordinator (and refuse every fork of the open block).
+        coord = self._coord()
+        with coord.lock:
+            coord.rebind(session, left)
+            self._session = session
+        coord.after_rebind()
         return snapshot_id
 
     def discard_changes(self) -> None:

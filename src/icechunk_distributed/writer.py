@@ -70,6 +70,10 @@ _STEP_NAMES = {_NEW: "nothing", _METADATA: "write_metadata()", _REGIONS: "write_
                _COMMITTED: "commit()"}  # fmt: skip
 
 
+class _RegionsFailed(Exception):
+    """Leaves an ``allow_pickling()`` block after failed regions (they are reported)."""
+
+
 class RegionWriter:
     """The steps of :func:`~icechunk_distributed.run_region_writes`, to look in between.
 
@@ -126,8 +130,11 @@ class RegionWriter:
         self.progress = options.check_progress(progress)
         self.encoding = options.check_encoding(encoding, [str(n) for n in self.template.variables])
         self.reference = reference
-        self.session, self.owns_session = open_session(target, branch)
-        self.branch = self.session.branch
+        # A repository's session is opened when first needed (a constructor does no I/O);
+        # a session target is checked and wrapped now.
+        self._target, self._branch = target, branch
+        self.owns_session = isinstance(target, icechunk.Repository)
+        self._session = None if self.owns_session else open_session(target, branch)[0]
         self.records: list[TaskRecord] = []
         self.executor_name = ""
         # Set by plan(): what the store holds, the plan, and each new variable's encoding,
@@ -143,6 +150,23 @@ class RegionWriter:
         self._item_bytes = 0
         self._checked_limit: tuple[int | None] | None = None
         self._stage = _NEW
+
+    @property
+    def session(self) -> DistributedSession:
+        """The session the write goes through (opened on ``branch`` for a repository)."""
+        if self._session is None:
+            self._session = open_session(self._target, self._branch)[0]
+        return self._session
+
+    @property
+    def branch(self) -> str | None:
+        """The branch the session writes to."""
+        return self.session.branch
+
+    def discard(self) -> None:
+        """Drop the uncommitted writes if this writer opened the session (else they are yours)."""
+        if self.owns_session and self._session is not None and not self._session.read_only:
+            self._session.discard_changes()
 
     def _require(self, stage: int, step: str, missing: str) -> None:
         if self._stage < stage - 1:
@@ -478,7 +502,8 @@ class RegionWriter:
                 i, plan.regions[i], out.seconds, attempts, out.worker, out.n_chunks, out.nbytes
             )
 
-        with self.session.allow_pickling() as snapshot:
+        failures: list[TaskFailure] = []
+        with contextlib.suppress(_RegionsFailed), self.session.allow_pickling() as snapshot:
 
             def build(j: int, attempt: int) -> TaskInput:
                 with guard:
@@ -498,6 +523,8 @@ class RegionWriter:
                 on_success=on_success,
                 indices=todo,
             )
+            if failures:  # leave the block by an exception: it closes the pickling window
+                raise _RegionsFailed
         self.records = [r for r in records if r is not None]
         if not failures:
             self._stage = _REGIONS
