@@ -16,17 +16,28 @@ import functools
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
-from icechunk_distributed.errors import RegionWriteError
+from icechunk_distributed.errors import (
+    PayloadTooLargeError,
+    RegionWriteError,
+    UnpicklableSourceError,
+)
 from icechunk_distributed.planning import Region, format_region
 from icechunk_distributed.progress import Progress, ProgressEvent, ProgressObserver, observers_for
 from icechunk_distributed.results import TaskFailure
-from icechunk_distributed.runner import Backups, LoopFailure, TaskLoop, batch_rule, run_batch
+from icechunk_distributed.runner import (
+    ARG_HEADROOM,
+    Backups,
+    LoopFailure,
+    TaskLoop,
+    batch_rule,
+    run_batch,
+)
 from icechunk_distributed.task import TaskOutput
 
 if TYPE_CHECKING:
     from icechunk_distributed.adapters import Adapter
 
-__all__ = ["SUMMARY_LINES", "region_write_error", "run_region_tasks"]
+__all__ = ["SUMMARY_LINES", "region_write_error", "run_region_tasks", "shipped_size"]
 
 SUMMARY_LINES = 10
 """Failed regions listed in a :class:`RegionWriteError` message (all are in ``failures``)."""
@@ -185,3 +196,48 @@ def region_write_error(
         f"each; {head}.\n{lines}{tail}" + (f"\n{rest}" if rest else ""),
         failures,
     )
+
+
+def shipped_size(obj: Any, what: str, max_arg_bytes: int | None) -> int:
+    """The pickled size of what one task ships; refuse what cannot ship.
+
+    Parameters
+    ----------
+    obj : object
+        One task's data, or the loader.
+    what : str
+        What it is, for the messages (``"loader"``, ``"source dataset"``).
+    max_arg_bytes : int, optional
+        The engine's limit on a call's arguments (Lithops' ``data_limit``).
+
+    Returns
+    -------
+    int
+        Bytes, pickled with cloudpickle.
+
+    Raises
+    ------
+    UnpicklableSourceError
+        It cannot be pickled.
+    PayloadTooLargeError
+        It is over :data:`~icechunk_distributed.runner.ARG_HEADROOM` of ``max_arg_bytes``.
+    """
+    import cloudpickle
+
+    try:
+        size = len(cloudpickle.dumps(obj))
+    except Exception as exc:
+        raise UnpicklableSourceError(
+            f"the {what} {obj!r:.200} cannot be pickled for worker processes ({exc}). "
+            "Use executor='threads', or make it picklable: a module-level function "
+            "instead of a closure over open files or locks, or a loader that opens the "
+            "data inside the task."
+        ) from exc
+    if max_arg_bytes is not None and size > ARG_HEADROOM * max_arg_bytes:
+        raise PayloadTooLargeError(
+            f"one task's data is {size / 2**20:.1f} MiB pickled, over the engine's limit of "
+            f"{max_arg_bytes / 2**20:.0f} MiB per call. Pass a loader (load(region) -> "
+            "Dataset, with template=) so tasks ship regions instead of data, use a smaller "
+            "task_size, or raise the limit (Lithops: config['lithops']['data_limit'] in MiB)."
+        )
+    return size

@@ -20,18 +20,16 @@ import xarray as xr
 from icechunk_distributed import options
 from icechunk_distributed._version import __version__
 from icechunk_distributed.adapters import Adapter, Capabilities, open_adapter
-from icechunk_distributed.dispatch import region_write_error, run_region_tasks
+from icechunk_distributed.dispatch import region_write_error, run_region_tasks, shipped_size
 from icechunk_distributed.errors import (
     CommitConflictError,
-    PayloadTooLargeError,
     SessionStateError,
-    UnpicklableSourceError,
 )
 from icechunk_distributed.metadata import eager_data, metadata_dataset, write_lazy, write_metadata
 from icechunk_distributed.planning import Region, WritePlan, build_plan, dims_of_regions
 from icechunk_distributed.progress import Progress
 from icechunk_distributed.results import TaskFailure, TaskRecord
-from icechunk_distributed.runner import ARG_HEADROOM, Backups
+from icechunk_distributed.runner import Backups
 from icechunk_distributed.runs import plan_digest
 from icechunk_distributed.session import (
     DistributedSession,
@@ -327,32 +325,13 @@ class RegionWriter:
         PayloadTooLargeError
             One task's data is over ``max_arg_bytes``.
         """
-        import cloudpickle
-
         if not self.write_plan.regions:
             return 0
-        what = "loader" if self.loader is not None else "source dataset"
-        obj: Any = self.loader if self.loader is not None else None
-        try:
-            if self.loader is not None:
-                size = len(cloudpickle.dumps(self.loader))
-            else:
-                obj = self.task_input(0, None).piece  # type: ignore[arg-type]
-                size = len(cloudpickle.dumps(obj))
-        except Exception as exc:
-            raise UnpicklableSourceError(
-                f"the {what} {obj!r:.200} cannot be pickled for worker processes ({exc}). "
-                "Use executor='threads', or make it picklable: a module-level function "
-                "instead of a closure over open files or locks, or a loader that opens the "
-                "data inside the task."
-            ) from exc
-        if max_arg_bytes is not None and size > ARG_HEADROOM * max_arg_bytes:
-            raise PayloadTooLargeError(
-                f"one task's data is {size / 2**20:.1f} MiB pickled, over the engine's limit of "
-                f"{max_arg_bytes / 2**20:.0f} MiB per call. Pass a loader (load(region) -> "
-                "Dataset, with template=) so tasks ship regions instead of data, use a smaller "
-                "task_size, or raise the limit (Lithops: config['lithops']['data_limit'] in MiB)."
-            )
+        if self.loader is not None:
+            size = shipped_size(self.loader, "loader", max_arg_bytes)
+        else:
+            piece = self.task_input(0, None).piece  # type: ignore[arg-type]
+            size = shipped_size(piece, "source dataset", max_arg_bytes)
         self._item_bytes = size
         return size
 
