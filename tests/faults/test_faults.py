@@ -4,6 +4,7 @@ Each case ends one of two ways, and the test checks which: the exact source data
 once, or the target branch is unchanged and the error names what failed.
 """
 
+import contextlib
 import json
 import os
 import signal
@@ -187,8 +188,13 @@ def test_coordinator_killed_then_resumed(engine, storage, tmp_path):
     before = history(repo)
     name = engine_name(engine)
     log = open(tmp_path / "coordinator.log", "w+")  # noqa: SIM115 - closed below
+    # Its own process group: the kill takes its pool (forkserver, workers) with it, as the
+    # loss of its machine would, instead of leaving them orphaned.
     proc = subprocess.Popen(
-        [sys.executable, "-c", COORDINATOR, storage.spec(), name], stdout=log, stderr=log
+        [sys.executable, "-c", COORDINATOR, storage.spec(), name],
+        stdout=log,
+        stderr=log,
+        start_new_session=True,
     )
     deadline = time.monotonic() + 180
     try:
@@ -199,9 +205,10 @@ def test_coordinator_killed_then_resumed(engine, storage, tmp_path):
             time.sleep(0.05)
         log.seek(0)
         assert proc.poll() is None, f"the coordinator ended before it was killed:\n{log.read()}"
-        os.kill(proc.pid, signal.SIGKILL)
+        os.killpg(proc.pid, signal.SIGKILL)
     finally:
-        proc.kill()
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()
         log.close()
     repo = storage.open()
