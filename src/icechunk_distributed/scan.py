@@ -1,0 +1,352 @@
+"""Source files before an ingest: each file's header read on the executor, then combined.
+
+The first step of ingesting many files into one dataset (issue 13). :func:`read_header` runs
+in a task: it opens one file lazily and returns what the coordinator needs to know about it,
+with the values of the concat coordinate, but no data. :func:`scan_files` runs it for every
+file on any engine, through the same run loop as region writes (retries, progress).
+:func:`combine_headers` orders the files along the concat dimension (by the concat
+coordinate's values, as ``xr.open_mfdataset(combine="by_coords")`` does, or as given) and
+refuses, before anything is written, files that cannot form one dataset, naming the files
+and what differs.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import numpy as np
+import xarray as xr
+
+from icechunk_distributed.adapters import open_adapter
+from icechunk_distributed.errors import TemplateMismatchError
+from icechunk_distributed.progress import Progress, observers_for
+from icechunk_distributed.runner import TaskLoop
+
+__all__ = [
+    "FileHeader",
+    "FileSet",
+    "VariableHeader",
+    "combine_headers",
+    "read_header",
+    "scan_files",
+]
+
+_SHOWN = 5  # files named in a message, at most
+
+
+@dataclass(frozen=True)
+class VariableHeader:
+    """One variable of a file: what must agree across files."""
+
+    dims: tuple[str, ...]
+    dtype: str
+    attrs: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class FileHeader:
+    """What :func:`read_header` learns from one file, without reading its data.
+
+    Attributes
+    ----------
+    path : str
+        The file.
+    variables : dict
+        Data variables and coordinates other than the concat coordinate.
+    sizes : dict
+        Dimension sizes.
+    concat_values : numpy.ndarray or None
+        The concat coordinate's values (None if the file has no such coordinate).
+    coords : dict
+        The values of the other index coordinates, to check that files agree on them.
+    """
+
+    path: str
+    variables: dict[str, VariableHeader]
+    sizes: dict[str, int]
+    concat_values: np.ndarray | None
+    coords: dict[str, np.ndarray]
+
+
+def read_header(path: str, concat_dim: str, *, engine: str | None = None) -> FileHeader:
+    """Open one file lazily and describe it (runs in a task, near the data).
+
+    Parameters
+    ----------
+    path : str
+        A file xarray can open.
+    concat_dim : str
+        The dimension the files are concatenated along.
+    engine : str, optional
+        xarray's backend (``"h5netcdf"``, ``"zarr"``, ...); xarray guesses by default.
+
+    Returns
+    -------
+    FileHeader
+        Variables, sizes, and the index coordinates' values.
+    """
+    with xr.open_dataset(path, engine=engine, chunks={}) as ds:
+        variables = {
+            str(name): VariableHeader(
+                tuple(str(d) for d in var.dims), str(var.dtype), dict(var.attrs)
+            )
+            for name, var in ds.variables.items()
+            if name != concat_dim
+        }
+        coords = {
+            str(name): np.asarray(index) for name, index in ds.indexes.items() if name != concat_dim
+        }
+        values = np.asarray(ds.indexes[concat_dim]) if concat_dim in ds.indexes else None
+        sizes = {str(d): int(n) for d, n in ds.sizes.items()}
+    return FileHeader(str(path), variables, sizes, values, coords)
+
+
+@dataclass(frozen=True)
+class _ScanTask:
+    path: str
+    concat_dim: str
+    engine: str | None
+
+
+def _scan(task: _ScanTask) -> FileHeader | BaseException:
+    try:
+        return read_header(task.path, task.concat_dim, engine=task.engine)
+    except Exception as exc:  # travels home as the result: the loop retries, then reports
+        return exc
+
+
+def scan_files(
+    paths: Sequence[str | os.PathLike[str]],
+    concat_dim: str,
+    *,
+    executor: Any = "threads",
+    engine: str | None = None,
+    retries: int = 2,
+    progress: Progress = None,
+    workers: int | None = None,
+) -> list[FileHeader]:
+    """Read every file's header on ``executor``; return them in the order given.
+
+    Parameters
+    ----------
+    paths : sequence of str or path
+        The files.
+    concat_dim : str
+        The dimension they are concatenated along.
+    executor : str, concurrent.futures.Executor or Adapter, default "threads"
+        Where the headers are read (as in :func:`~icechunk_distributed.run_region_writes`).
+    engine : str, optional
+        xarray's backend for the files.
+    retries : int, default 2
+        Extra attempts per file.
+    progress : bool or callable, optional
+        A bar or a callback, as in ``run_region_writes``.
+    workers : int, optional
+        Pool size for executors started by name.
+
+    Returns
+    -------
+    list of FileHeader
+        One per file.
+
+    Raises
+    ------
+    FileNotFoundError
+        A path does not exist (checked before anything runs).
+    TemplateMismatchError
+        A file could not be read on any attempt; the message names every such file.
+    """
+    files = [os.fspath(p) for p in paths]
+    missing = [p for p in files if "://" not in p and not os.path.exists(p)]
+    if missing:
+        raise FileNotFoundError(f"{len(missing)} file(s) do not exist: {_names(missing)}")
+    headers: dict[int, FileHeader] = {}
+
+    def keep(i: int, header: FileHeader, attempts: int) -> None:
+        headers[i] = header
+
+    observers = list(observers_for(progress, len(files)))
+    with open_adapter(executor, workers=workers) as adapter:
+        loop = TaskLoop(
+            adapter,
+            _scan,
+            retries=retries,
+            is_success=lambda out: isinstance(out, FileHeader),
+            describe_error=lambda out: f"{type(out).__name__}: {out}",
+            on_success=keep,
+            observers=observers,
+        )
+        try:
+            failed = loop.run(
+                len(files), lambda i, attempt: _ScanTask(files[i], concat_dim, engine)
+            )
+        finally:
+            for observer in observers:
+                observer.close()
+    if failed:
+        lines = "\n".join(f"  {files[f.index]}: {f.result}" for f in failed[:_SHOWN])
+        more = f"\n  ... and {len(failed) - _SHOWN} more" if len(failed) > _SHOWN else ""
+        raise TemplateMismatchError(
+            f"{len(failed)} of {len(files)} file(s) could not be read:\n{lines}{more}"
+        )
+    return [headers[i] for i in range(len(files))]
+
+
+@dataclass(frozen=True)
+class FileSet:
+    """Files that form one dataset along ``concat_dim``, in order.
+
+    Attributes
+    ----------
+    headers : list of FileHeader
+        The files, in concat order.
+    concat_dim : str
+        The dimension they are concatenated along.
+    offsets : list of int
+        Where each file starts along ``concat_dim``.
+    size : int
+        The concatenated size.
+    """
+
+    headers: list[FileHeader]
+    concat_dim: str
+    offsets: list[int]
+    size: int
+
+
+def combine_headers(
+    headers: Sequence[FileHeader],
+    concat_dim: str,
+    *,
+    order: Literal["by_coords", "given"] = "by_coords",
+) -> FileSet:
+    """Order files along ``concat_dim`` and refuse any that cannot form one dataset.
+
+    Parameters
+    ----------
+    headers : sequence of FileHeader
+        From :func:`scan_files`.
+    concat_dim : str
+        The dimension to concatenate along.
+    order : {"by_coords", "given"}, default "by_coords"
+        Sort the files by their first concat value (as ``combine="by_coords"``), or keep the
+        given order (then the values must still increase).
+
+    Returns
+    -------
+    FileSet
+        The files in order, with their offsets.
+
+    Raises
+    ------
+    TemplateMismatchError
+        Files differ in variables, dims, dtypes or other coordinates; lack ``concat_dim``;
+        or their concat values overlap, repeat, or do not increase.
+    """
+    if not headers:
+        raise ValueError("no files to combine")
+    if order not in ("by_coords", "given"):
+        raise ValueError(f"order must be 'by_coords' or 'given', not {order!r}")
+    lacking = [h.path for h in headers if concat_dim not in h.sizes]
+    if lacking:
+        raise TemplateMismatchError(
+            f"{len(lacking)} file(s) have no dimension {concat_dim!r}: {_names(lacking)}"
+        )
+    _check_same(headers, concat_dim)
+    ordered = list(headers)
+    if order == "by_coords":
+        unindexed = [h.path for h in headers if h.concat_values is None]
+        if unindexed:
+            raise TemplateMismatchError(
+                f"order='by_coords' needs a {concat_dim!r} coordinate in every file; "
+                f"{_names(unindexed)} have none. Pass order='given' to keep the list's order."
+            )
+        ordered.sort(key=lambda h: _first(h))
+    _check_increasing(ordered, concat_dim)
+    offsets, n = [], 0
+    for h in ordered:
+        offsets.append(n)
+        n += h.sizes[concat_dim]
+    return FileSet(ordered, concat_dim, offsets, n)
+
+
+def _first(header: FileHeader) -> Any:
+    values = header.concat_values
+    return values[0] if values is not None and len(values) else np.inf
+
+
+def _check_same(headers: Sequence[FileHeader], concat_dim: str) -> None:
+    """Every file like the first: variables, dims, dtypes, sizes and other coordinates."""
+    first = headers[0]
+    checks: list[tuple[str, Callable[[FileHeader], Any]]] = [
+        ("variables", lambda h: sorted(h.variables)),
+        ("dimensions", lambda h: {n: v.dims for n, v in h.variables.items()}),
+        ("dtypes", lambda h: {n: v.dtype for n, v in h.variables.items()}),
+        ("sizes", lambda h: {d: n for d, n in h.sizes.items() if d != concat_dim}),
+    ]
+    for what, of in checks:
+        want = of(first)
+        odd = [h.path for h in headers[1:] if of(h) != want]
+        if odd:
+            got = of(next(h for h in headers if h.path == odd[0]))
+            raise TemplateMismatchError(
+                f"{len(odd)} file(s) differ from {first.path} in their {what}: "
+                f"{_names(odd)}. {first.path}: {_diff(want, got)[0]}; {odd[0]}: "
+                f"{_diff(want, got)[1]}"
+            )
+    for name, values in first.coords.items():
+        odd = [h.path for h in headers[1:] if not _same_values(h.coords.get(name), values)]
+        if odd:
+            raise TemplateMismatchError(
+                f"{len(odd)} file(s) have other values of coordinate {name!r} than "
+                f"{first.path}: {_names(odd)}; files may differ only along {concat_dim!r}"
+            )
+
+
+def _check_increasing(ordered: Sequence[FileHeader], concat_dim: str) -> None:
+    """Concat values increase within each file and from one file to the next."""
+    previous: FileHeader | None = None
+    for h in ordered:
+        values = h.concat_values
+        if values is None or not len(values):
+            continue
+        steps = np.diff(values)
+        if len(steps) and not np.all(steps > np.zeros_like(steps)):
+            raise TemplateMismatchError(
+                f"{h.path}: its {concat_dim!r} values do not strictly increase"
+            )
+        if previous is not None and previous.concat_values is not None:
+            last = previous.concat_values[-1]
+            if not values[0] > last:
+                same = np.array_equal(values, previous.concat_values)
+                kind = "repeat (the same values: one file twice?)" if same else "overlap"
+                raise TemplateMismatchError(
+                    f"the {concat_dim!r} values of {previous.path} and {h.path} {kind}: "
+                    f"the first ends at {last}, the second starts at {values[0]}"
+                )
+        previous = h
+
+
+def _same_values(a: np.ndarray | None, b: np.ndarray) -> bool:
+    if a is None or a.shape != b.shape:
+        return False
+    same = a == b
+    if a.dtype.kind in "fc":
+        same |= np.isnan(a) & np.isnan(b)
+    return bool(np.all(same))
+
+
+def _diff(want: Any, got: Any) -> tuple[Any, Any]:
+    """Only the entries that differ, for a short message."""
+    if isinstance(want, Mapping) and isinstance(got, Mapping):
+        keys = sorted(k for k in set(want) | set(got) if want.get(k) != got.get(k))
+        return {k: want.get(k) for k in keys}, {k: got.get(k) for k in keys}
+    return want, got
+
+
+def _names(paths: Sequence[str]) -> str:
+    shown = ", ".join(paths[:_SHOWN])
+    return shown + (f" and {len(paths) - _SHOWN} more" if len(paths) > _SHOWN else "")
