@@ -17,11 +17,10 @@ import icechunk
 import numpy as np
 
 from icechunk_distributed.adapters import Adapter, open_adapter
-from icechunk_distributed.dispatch import region_write_error, run_region_tasks
+from icechunk_distributed.dispatch import region_write_error, run_region_tasks, shipped_size
 from icechunk_distributed.errors import (
     InvalidRegionError,
     TemplateMismatchError,
-    UnpicklableSourceError,
 )
 from icechunk_distributed.planning import Region, WritePlan, build_plan, check_slice
 from icechunk_distributed.progress import Progress
@@ -145,18 +144,10 @@ def _check_shippable(
     """For engines that cross processes: reachable storage, picklable sources."""
     if not adapter.capabilities.crosses_processes:
         return
-    import cloudpickle
-
     session.check_shareable()  # in-memory storage cannot reach worker processes
     for src, path in zip(srcs, paths, strict=True):
         first = tuple(slice(0, min(1, n)) for n in src.shape)
-        try:
-            cloudpickle.dumps(src[first])
-        except Exception as exc:
-            raise UnpicklableSourceError(
-                f"the source for {path!r} cannot be pickled for worker processes ({exc}); "
-                "use executor='threads'"
-            ) from exc
+        shipped_size(src[first], f"source for {path!r}", None)
 
 
 # long: half of it is the docstring; the body builds tasks inline (they close over it).

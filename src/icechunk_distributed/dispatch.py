@@ -22,7 +22,7 @@ from icechunk_distributed.errors import (
     UnpicklableSourceError,
 )
 from icechunk_distributed.planning import Region, format_region
-from icechunk_distributed.progress import Progress, ProgressEvent, ProgressObserver, observers_for
+from icechunk_distributed.progress import Progress, ProgressEvent, ProgressObserver, observing
 from icechunk_distributed.results import TaskFailure
 from icechunk_distributed.runner import (
     ARG_HEADROOM,
@@ -53,7 +53,7 @@ class _Renumbered:
         self.inner.on_event(dataclasses.replace(event, index=self.number[event.index]))
 
     def close(self) -> None:
-        self.inner.close()
+        """Nothing: the wrapped observer is closed by its owner."""
 
 
 def run_region_tasks(
@@ -101,9 +101,6 @@ def run_region_tasks(
     """
     caps = adapter.capabilities
     number = list(range(len(regions))) if indices is None else list(indices)
-    observers = list(observers_for(progress, len(regions)))
-    if indices is not None:
-        observers = [_Renumbered(o, number) for o in observers]
 
     def make_arg(i: int, attempt: int) -> Any:
         task = build(i, attempt)
@@ -114,23 +111,20 @@ def run_region_tasks(
         return task
 
     batch_size = batch_rule(caps, item_bytes)
-    loop = TaskLoop(
-        adapter,
-        fn if batch_size is None else functools.partial(run_batch, fn),
-        retries=retries,
-        is_success=lambda out: isinstance(out, TaskOutput) and out.ok,
-        describe_error=describe_result,
-        is_retryable=lambda out: not isinstance(out, TaskOutput) or out.retryable,
-        on_success=on_success,
-        batch_size=batch_size,
-        backups=backups,
-        observers=observers,
-    )
-    try:
+    with observing(progress, len(regions)) as observers:
+        loop = TaskLoop(
+            adapter,
+            fn if batch_size is None else functools.partial(run_batch, fn),
+            retries=retries,
+            is_success=lambda out: isinstance(out, TaskOutput) and out.ok,
+            describe_error=describe_result,
+            is_retryable=lambda out: not isinstance(out, TaskOutput) or out.retryable,
+            on_success=on_success,
+            batch_size=batch_size,
+            backups=backups,
+            observers=observers if indices is None else [_Renumbered(o, number) for o in observers],
+        )
         failed = loop.run(len(regions), make_arg)
-    finally:
-        for observer in observers:
-            observer.close()
     return [_failure(f, number[f.index], regions[f.index]) for f in failed]
 
 

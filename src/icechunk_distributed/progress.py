@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal, Protocol
 
@@ -21,6 +21,7 @@ __all__ = [
     "ProgressEvent",
     "ProgressObserver",
     "observers_for",
+    "observing",
 ]
 
 EventKind = Literal["done", "retry", "failed", "backup"]
@@ -129,3 +130,27 @@ def observers_for(progress: Progress, total: int) -> Sequence[ProgressObserver]:
     if callable(progress) and not isinstance(progress, bool):
         observers.append(CallbackObserver(progress))
     return observers
+
+
+@contextlib.contextmanager
+def observing(progress: Progress, total: int) -> Iterator[list[ProgressObserver]]:
+    """:func:`observers_for`, closed when the block ends, however it ends.
+
+    Parameters
+    ----------
+    progress : bool, callable or None
+        As for :func:`observers_for`.
+    total : int
+        Tasks in the run.
+
+    Yields
+    ------
+    list of ProgressObserver
+        The observers to give the run loop.
+    """
+    observers = list(observers_for(progress, total))
+    try:
+        yield observers
+    finally:
+        for observer in observers:
+            observer.close()

@@ -22,7 +22,7 @@ import xarray as xr
 
 from icechunk_distributed.adapters import open_adapter
 from icechunk_distributed.errors import TemplateMismatchError
-from icechunk_distributed.progress import Progress, observers_for
+from icechunk_distributed.progress import Progress, observing
 from icechunk_distributed.runner import TaskLoop
 
 __all__ = [
@@ -168,8 +168,7 @@ def scan_files(
     def keep(i: int, header: FileHeader, attempts: int) -> None:
         headers[i] = header
 
-    observers = list(observers_for(progress, len(files)))
-    with open_adapter(executor, workers=workers) as adapter:
+    with open_adapter(executor, workers=workers) as adapter, observing(progress, len(files)) as obs:
         loop = TaskLoop(
             adapter,
             _scan,
@@ -177,15 +176,9 @@ def scan_files(
             is_success=lambda out: isinstance(out, FileHeader),
             describe_error=lambda out: f"{type(out).__name__}: {out}",
             on_success=keep,
-            observers=observers,
+            observers=obs,
         )
-        try:
-            failed = loop.run(
-                len(files), lambda i, attempt: _ScanTask(files[i], concat_dim, engine)
-            )
-        finally:
-            for observer in observers:
-                observer.close()
+        failed = loop.run(len(files), lambda i, attempt: _ScanTask(files[i], concat_dim, engine))
     if failed:
         lines = "\n".join(f"  {files[f.index]}: {f.result}" for f in failed[:_SHOWN])
         more = f"\n  ... and {len(failed) - _SHOWN} more" if len(failed) > _SHOWN else ""

@@ -365,8 +365,8 @@ def writable_session(repo: Repository, branch: str = "main") -> DistributedSessi
     return DistributedSession(repo.writable_session(branch), repository=repo)
 
 
-def open_session(target: Any, branch: str) -> tuple[DistributedSession, bool]:
-    """The session a write goes through, and whether it was opened here (and may be discarded).
+def open_session(target: Any, branch: str) -> DistributedSession:
+    """The writable session a write goes through.
 
     Parameters
     ----------
@@ -377,11 +377,11 @@ def open_session(target: Any, branch: str) -> tuple[DistributedSession, bool]:
 
     Returns
     -------
-    tuple
-        The :class:`DistributedSession`, and True if it was opened here.
+    DistributedSession
+        The session (the given one, wrapped if it is a plain icechunk session).
     """
     if isinstance(target, icechunk.Repository):
-        return writable_session(target, branch), True
+        return writable_session(target, branch)
     if isinstance(target, DistributedSession):
         session = target
     elif isinstance(target, icechunk.Session) and not isinstance(target, icechunk.ForkSession):
@@ -395,7 +395,7 @@ def open_session(target: Any, branch: str) -> tuple[DistributedSession, bool]:
         raise SessionStateError(
             "the target session is read-only; pass the Repository, or repo.writable_session(branch)"
         )
-    return session, False
+    return session
 
 
 def allow_pickling(

@@ -132,7 +132,7 @@ class RegionWriter:
         # a session target is checked and wrapped now.
         self._target, self._branch = target, branch
         self.owns_session = isinstance(target, icechunk.Repository)
-        self._session = None if self.owns_session else open_session(target, branch)[0]
+        self._session = None if self.owns_session else open_session(target, branch)
         self.records: list[TaskRecord] = []
         self.executor_name = ""
         # Set by plan(): what the store holds, the plan, and each new variable's encoding,
@@ -153,7 +153,7 @@ class RegionWriter:
     def session(self) -> DistributedSession:
         """The session the write goes through (opened on ``branch`` for a repository)."""
         if self._session is None:
-            self._session = open_session(self._target, self._branch)[0]
+            self._session = open_session(self._target, self._branch)
         return self._session
 
     @property
