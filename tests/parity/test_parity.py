@@ -25,6 +25,7 @@ import icechunk
 import numpy as np
 import pytest
 import xarray as xr
+import zarr
 from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
 
@@ -259,3 +260,22 @@ def test_matches_to_icechunk(build, tmp_path):
         session.commit(f"to_icechunk step {i}")
     write_ours(our_repo, build(tmp_path / "src-ours"), "threads", None)
     assert_same_repos(our_repo, ref_repo)
+
+
+def _times(values: np.ndarray) -> zarr.storage.MemoryStore:
+    """A store whose variable ``t`` decodes as times (``days since``) from int64 ``values``."""
+    store = zarr.storage.MemoryStore()
+    array = zarr.create_array(
+        store, name="t", shape=values.shape, dtype="i8", dimension_names=["i"],
+        attributes={"units": "days since 1970-01-01", "calendar": "proleptic_gregorian"},
+    )  # fmt: skip
+    array[:] = values
+    return store
+
+
+def test_a_reference_xarray_cannot_read_matches_only_the_same_failure():
+    from parity.compare import diff_decoded
+
+    too_far = _times(np.array([0, 2**62]))  # overflows nanoseconds when decoded
+    assert diff_decoded(_times(np.array([0, 2**62])), too_far, None) == []
+    assert "ours reads" in diff_decoded(_times(np.array([0, 1])), too_far, None)[0]
