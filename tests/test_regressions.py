@@ -179,3 +179,15 @@ def test_a_snapshot_from_before_a_rebase_is_refused(repo):
         session.rebase(icechunk.ConflictDetector())
         with pytest.raises(ForeignSessionError, match="outdated base"):
             merge_sessions(session, snapshot)
+
+
+def test_the_result_names_the_branch_it_committed_to(repo):
+    # Found by the ingest work: after the commit the session is read-only and forgets its
+    # branch, so WriteResult.branch was None for every repository target.
+    import numpy as np
+    import xarray as xr
+
+    from icechunk_distributed import run_region_writes
+
+    result = run_region_writes(xr.Dataset({"a": ("x", np.arange(4))}), repo)
+    assert result.branch == "main" and result.snapshot_id == repo.lookup_branch("main")

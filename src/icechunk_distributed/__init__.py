@@ -28,6 +28,7 @@ from icechunk_distributed.errors import (
     UnpicklableSourceError,
     UnshareableStorageError,
 )
+from icechunk_distributed.ingest import IngestPlan, IngestResult, ingest, plan_ingest
 from icechunk_distributed.progress import ProgressEvent
 from icechunk_distributed.results import TaskFailure, TaskRecord, WriteResult
 from icechunk_distributed.runner import Backups
@@ -57,6 +58,8 @@ __all__ = [
     "DistributedWriteError",
     "ForeignSessionError",
     "ForkStartMethodError",
+    "IngestPlan",
+    "IngestResult",
     "InvalidRegionError",
     "NotASnapshotError",
     "OverlappingWritesError",
@@ -80,8 +83,10 @@ __all__ = [
     "__version__",
     "allow_pickling",
     "garbage_collect",
+    "ingest",
     "list_runs",
     "merge_sessions",
+    "plan_ingest",
     "plan_regions",
     "remove_run",
     "run_region_writes",

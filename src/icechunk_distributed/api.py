@@ -204,6 +204,7 @@ def run_region_writes(
     run = None if run_id is None else _open_run(target, run_id, branch, commit)
     n_resumed = 0
     snapshot_id: str | None
+    written_to: str | None = None
     with _undo_on_failure() as rollback:
         if run is not None:
             run.start()
@@ -243,13 +244,14 @@ def run_region_writes(
                 writer.check_engine(adapter.capabilities)
                 writer.write_metadata()
                 records = writer.write_regions(adapter, backups=policy)
+                written_to = writer.branch  # a committed session is read-only and forgets it
                 snapshot_id = writer.commit(message, metadata) if commit else None
     plan = writer.write_plan
     # A run's writer wrote on the work branch, which is gone now: a new session on the target.
     session = writer.session if run is None else writable_session(run.repo, branch)
     return WriteResult(
         snapshot_id=snapshot_id,
-        branch=branch if run is not None else writer.branch,
+        branch=branch if run is not None else written_to,
         n_regions=len(plan.regions),
         n_chunks=sum(r.n_chunks for r in records),
         bytes_written=sum(r.nbytes for r in records),

@@ -121,13 +121,16 @@ def eager_data(
     """A loader's coordinator variables: ``load(full extent)``, checked against the template.
 
     Never the template's own data, which may be placeholders. Tried ``retries + 1`` times,
-    as tasks are.
+    as tasks are. A loader with a ``coordinator_variables(names, region)`` method is asked
+    for just those variables instead (a file loader reads them from one file rather than
+    opening every file of the full extent).
     """
     names = list(info.eager_vars)
     full = {d: slice(0, info.sizes[d]) for d in info.region_dims}
+    provide = getattr(loader, "coordinator_variables", None)
     for attempt in range(retries + 1):
         try:
-            data = loader(full)
+            data = provide(names, full) if callable(provide) else loader(full)
             break
         except Exception:
             if attempt == retries:

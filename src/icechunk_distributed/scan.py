@@ -18,20 +18,23 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import numpy as np
-import xarray as xr
 
 from icechunk_distributed.adapters import open_adapter
 from icechunk_distributed.errors import TemplateMismatchError
 from icechunk_distributed.progress import Progress, observing
 from icechunk_distributed.runner import TaskLoop
+from icechunk_distributed.sources import SourceOptions, is_remote, open_source
 
 __all__ = [
     "FileHeader",
     "FileSet",
     "VariableHeader",
+    "as_step",
+    "check_step",
     "combine_headers",
     "read_header",
     "scan_files",
+    "short_list",
 ]
 
 _SHOWN = 5  # files named in a message, at most
@@ -62,6 +65,9 @@ class FileHeader:
         The concat coordinate's values (None if the file has no such coordinate).
     coords : dict
         The values of the other index coordinates, to check that files agree on them.
+    concat_coords : dict
+        The values of the other coordinates along ``concat_dim`` (the coordinator writes
+        coordinates; these are small).
     """
 
     path: str
@@ -69,9 +75,16 @@ class FileHeader:
     sizes: dict[str, int]
     concat_values: np.ndarray | None
     coords: dict[str, np.ndarray]
+    concat_coords: dict[str, np.ndarray] = field(default_factory=dict)
 
 
-def read_header(path: str, concat_dim: str, *, engine: str | None = None) -> FileHeader:
+def read_header(
+    path: str,
+    concat_dim: str,
+    *,
+    engine: str | None = None,
+    options: SourceOptions | None = None,
+) -> FileHeader:
     """Open one file lazily and describe it (runs in a task, near the data).
 
     Parameters
@@ -82,13 +95,15 @@ def read_header(path: str, concat_dim: str, *, engine: str | None = None) -> Fil
         The dimension the files are concatenated along.
     engine : str, optional
         xarray's backend (``"h5netcdf"``, ``"zarr"``, ...); xarray guesses by default.
+    options : SourceOptions, optional
+        How to reach ``s3://`` sources.
 
     Returns
     -------
     FileHeader
         Variables, sizes, and the index coordinates' values.
     """
-    with xr.open_dataset(path, engine=engine, chunks={}) as ds:
+    with open_source(path, engine=engine, chunks={}, options=options) as ds:
         variables = {
             str(name): VariableHeader(
                 tuple(str(d) for d in var.dims), str(var.dtype), dict(var.attrs)
@@ -101,7 +116,12 @@ def read_header(path: str, concat_dim: str, *, engine: str | None = None) -> Fil
         }
         values = np.asarray(ds.indexes[concat_dim]) if concat_dim in ds.indexes else None
         sizes = {str(d): int(n) for d, n in ds.sizes.items()}
-    return FileHeader(str(path), variables, sizes, values, coords)
+        along = {
+            str(name): np.asarray(var.values)
+            for name, var in ds.coords.items()
+            if name != concat_dim and concat_dim in var.dims
+        }
+    return FileHeader(str(path), variables, sizes, values, coords, along)
 
 
 @dataclass(frozen=True)
@@ -109,11 +129,12 @@ class _ScanTask:
     path: str
     concat_dim: str
     engine: str | None
+    options: SourceOptions | None
 
 
 def _scan(task: _ScanTask) -> FileHeader | BaseException:
     try:
-        return read_header(task.path, task.concat_dim, engine=task.engine)
+        return read_header(task.path, task.concat_dim, engine=task.engine, options=task.options)
     except Exception as exc:  # travels home as the result: the loop retries, then reports
         return exc
 
@@ -127,6 +148,7 @@ def scan_files(
     retries: int = 2,
     progress: Progress = None,
     workers: int | None = None,
+    options: SourceOptions | None = None,
 ) -> list[FileHeader]:
     """Read every file's header on ``executor``; return them in the order given.
 
@@ -146,6 +168,8 @@ def scan_files(
         A bar or a callback, as in ``run_region_writes``.
     workers : int, optional
         Pool size for executors started by name.
+    options : SourceOptions, optional
+        How to reach ``s3://`` sources.
 
     Returns
     -------
@@ -160,9 +184,9 @@ def scan_files(
         A file could not be read on any attempt; the message names every such file.
     """
     files = [os.fspath(p) for p in paths]
-    missing = [p for p in files if "://" not in p and not os.path.exists(p)]
+    missing = [p for p in files if not is_remote(p) and not os.path.exists(p)]
     if missing:
-        raise FileNotFoundError(f"{len(missing)} file(s) do not exist: {_names(missing)}")
+        raise FileNotFoundError(f"{len(missing)} file(s) do not exist: {short_list(missing)}")
     headers: dict[int, FileHeader] = {}
 
     def keep(i: int, header: FileHeader, attempts: int) -> None:
@@ -178,7 +202,9 @@ def scan_files(
             on_success=keep,
             observers=obs,
         )
-        failed = loop.run(len(files), lambda i, attempt: _ScanTask(files[i], concat_dim, engine))
+        failed = loop.run(
+            len(files), lambda i, attempt: _ScanTask(files[i], concat_dim, engine, options)
+        )
     if failed:
         lines = "\n".join(f"  {files[f.index]}: {f.result}" for f in failed[:_SHOWN])
         more = f"\n  ... and {len(failed) - _SHOWN} more" if len(failed) > _SHOWN else ""
@@ -209,12 +235,37 @@ class FileSet:
     offsets: list[int]
     size: int
 
+    @property
+    def paths(self) -> list[str]:
+        """The files, in concat order."""
+        return [h.path for h in self.headers]
+
+    def concat_values(self) -> np.ndarray | None:
+        """The concat coordinate of the whole set (None if the files have none)."""
+        parts = [h.concat_values for h in self.headers]
+        if any(p is None for p in parts):
+            return None
+        return np.concatenate([p for p in parts if p is not None])
+
+    def overlapping(self, start: int, stop: int) -> list[tuple[int, slice]]:
+        """The files overlapping ``start:stop`` along the concat dim, with each one's part.
+
+        Returns ``(file index, slice within that file)`` pairs, in order.
+        """
+        out = []
+        for i, (h, offset) in enumerate(zip(self.headers, self.offsets, strict=True)):
+            end = offset + h.sizes[self.concat_dim]
+            if offset < stop and start < end:
+                out.append((i, slice(max(start, offset) - offset, min(stop, end) - offset)))
+        return out
+
 
 def combine_headers(
     headers: Sequence[FileHeader],
     concat_dim: str,
     *,
     order: Literal["by_coords", "given"] = "by_coords",
+    step: Any = None,
 ) -> FileSet:
     """Order files along ``concat_dim`` and refuse any that cannot form one dataset.
 
@@ -227,6 +278,10 @@ def combine_headers(
     order : {"by_coords", "given"}, default "by_coords"
         Sort the files by their first concat value (as ``combine="by_coords"``), or keep the
         given order (then the values must still increase).
+    step : optional
+        The spacing of the concat values when the user knows there are no gaps: a number,
+        or for times anything ``pandas.Timedelta`` takes (``"1D"``, ``"6h"``). Any other
+        step, within a file or between two, is refused.
 
     Returns
     -------
@@ -237,7 +292,8 @@ def combine_headers(
     ------
     TemplateMismatchError
         Files differ in variables, dims, dtypes or other coordinates; lack ``concat_dim``;
-        or their concat values overlap, repeat, or do not increase.
+        or their concat values overlap, repeat, do not increase, or leave a gap ``step``
+        forbids.
     """
     if not headers:
         raise ValueError("no files to combine")
@@ -246,7 +302,7 @@ def combine_headers(
     lacking = [h.path for h in headers if concat_dim not in h.sizes]
     if lacking:
         raise TemplateMismatchError(
-            f"{len(lacking)} file(s) have no dimension {concat_dim!r}: {_names(lacking)}"
+            f"{len(lacking)} file(s) have no dimension {concat_dim!r}: {short_list(lacking)}"
         )
     _check_same(headers, concat_dim)
     ordered = list(headers)
@@ -255,10 +311,12 @@ def combine_headers(
         if unindexed:
             raise TemplateMismatchError(
                 f"order='by_coords' needs a {concat_dim!r} coordinate in every file; "
-                f"{_names(unindexed)} have none. Pass order='given' to keep the list's order."
+                f"{short_list(unindexed)} have none. Pass order='given' to keep the list's order."
             )
         ordered.sort(key=lambda h: _first(h))
     _check_increasing(ordered, concat_dim)
+    if step is not None:
+        check_step(ordered, concat_dim, step)
     offsets, n = [], 0
     for h in ordered:
         offsets.append(n)
@@ -287,7 +345,7 @@ def _check_same(headers: Sequence[FileHeader], concat_dim: str) -> None:
             got = of(next(h for h in headers if h.path == odd[0]))
             raise TemplateMismatchError(
                 f"{len(odd)} file(s) differ from {first.path} in their {what}: "
-                f"{_names(odd)}. {first.path}: {_diff(want, got)[0]}; {odd[0]}: "
+                f"{short_list(odd)}. {first.path}: {_diff(want, got)[0]}; {odd[0]}: "
                 f"{_diff(want, got)[1]}"
             )
     for name, values in first.coords.items():
@@ -295,7 +353,7 @@ def _check_same(headers: Sequence[FileHeader], concat_dim: str) -> None:
         if odd:
             raise TemplateMismatchError(
                 f"{len(odd)} file(s) have other values of coordinate {name!r} than "
-                f"{first.path}: {_names(odd)}; files may differ only along {concat_dim!r}"
+                f"{first.path}: {short_list(odd)}; files may differ only along {concat_dim!r}"
             )
 
 
@@ -323,6 +381,49 @@ def _check_increasing(ordered: Sequence[FileHeader], concat_dim: str) -> None:
         previous = h
 
 
+def as_step(step: Any, values: np.ndarray) -> Any:
+    """``step`` in the units of ``values`` (a ``timedelta64`` for times)."""
+    if values.dtype.kind in "mM":
+        import pandas as pd
+
+        try:
+            return pd.Timedelta(step).to_timedelta64()
+        except (ValueError, TypeError) as exc:
+            raise ValueError(f"step={step!r} is not a time step such as '1D' or '6h'") from exc
+    if isinstance(step, str | np.timedelta64) or not np.isscalar(step):
+        raise ValueError(f"step={step!r} must be a number for numeric {values.dtype} values")
+    return step
+
+
+def check_step(
+    ordered: Sequence[FileHeader], concat_dim: str, step: Any, *, before: Any = None
+) -> None:
+    """No gap: consecutive concat values ``step`` apart, within and across files.
+
+    ``before`` is the value just before the first file (the store's last, for an append).
+    """
+    previous, previous_path = before, "the store"
+    for h in ordered:
+        values = h.concat_values
+        if values is None or not len(values):
+            raise TemplateMismatchError(
+                f"step= needs {concat_dim!r} values in every file; {h.path} has none"
+            )
+        want = as_step(step, values)
+        if previous is not None and values[0] - previous != want:
+            raise TemplateMismatchError(
+                f"a gap in {concat_dim!r}: {previous_path} ends at {previous}, {h.path} starts "
+                f"at {values[0]}, but step={step!r}"
+            )
+        bad = np.flatnonzero(np.diff(values) != want)
+        if len(bad):
+            raise TemplateMismatchError(
+                f"a gap in {concat_dim!r} inside {h.path}: {values[bad[0]]} is followed by "
+                f"{values[bad[0] + 1]}, but step={step!r}"
+            )
+        previous, previous_path = values[-1], h.path
+
+
 def _same_values(a: np.ndarray | None, b: np.ndarray) -> bool:
     if a is None or a.shape != b.shape:
         return False
@@ -340,6 +441,7 @@ def _diff(want: Any, got: Any) -> tuple[Any, Any]:
     return want, got
 
 
-def _names(paths: Sequence[str]) -> str:
+def short_list(paths: Sequence[str]) -> str:
+    """The first few paths, and how many more."""
     shown = ", ".join(paths[:_SHOWN])
     return shown + (f" and {len(paths) - _SHOWN} more" if len(paths) > _SHOWN else "")

@@ -1,0 +1,442 @@
+"""Many source files into one dataset: :func:`ingest`, and its dry run :func:`plan_ingest`.
+
+The pipeline, for files instead of a Dataset: every file's header is read on the executor
+(:mod:`~icechunk_distributed.scan`), the coordinator orders and checks them, works out which
+files an append still has to write, builds the template the files form
+(:mod:`~icechunk_distributed.filemap`), and hands a loader that reads each region's files to
+:func:`~icechunk_distributed.run_region_writes`: the same planning, encodings, checked
+merges, retries, resumable runs and single commit as any other write. What lands in the
+repository is what ``xr.open_mfdataset(files)`` followed by ``to_zarr`` would store.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Literal
+
+import icechunk
+import numpy as np
+import xarray as xr
+
+from icechunk_distributed import options as opts
+from icechunk_distributed.adapters import open_adapter
+from icechunk_distributed.api import plan_regions, run_region_writes
+from icechunk_distributed.filemap import FileLoader, file_template, split_append, task_variables
+from icechunk_distributed.planning import Region, format_region
+from icechunk_distributed.progress import Progress
+from icechunk_distributed.results import WriteResult
+from icechunk_distributed.runner import Backups
+from icechunk_distributed.scan import FileSet, combine_headers, scan_files
+from icechunk_distributed.sources import SourceOptions, expand_paths
+
+if TYPE_CHECKING:
+    from icechunk import Repository, Session
+
+    from icechunk_distributed.session import DistributedSession
+
+__all__ = ["IngestPlan", "IngestResult", "ingest", "plan_ingest"]
+
+IngestMode = Literal["w-", "w", "a"]
+Paths = str | os.PathLike[str] | Sequence[str | os.PathLike[str]]
+
+
+@dataclass
+class IngestPlan:
+    """What :func:`ingest` would do: the files in order, what it skips, the regions.
+
+    Attributes
+    ----------
+    files : FileSet or None
+        The files to write, in concat order, with their offsets (None: nothing to write).
+    skipped : list of str
+        Files an append found in the store already.
+    template : xarray.Dataset or None
+        The dataset the files form (lazy where the tasks write).
+    regions : list of dict
+        One ``{concat_dim: slice}`` per task, in the template's coordinates.
+    loader : FileLoader or None
+        What each task runs to read its region.
+    mode : str
+        The write mode: ``"w-"``, ``"w"``, or ``"a"`` (appending along ``concat_dim``).
+    concat_dim : str
+        The dimension the files are concatenated along.
+    """
+
+    files: FileSet | None
+    skipped: list[str]
+    template: xr.Dataset | None
+    regions: list[Region]
+    loader: FileLoader | None
+    mode: IngestMode
+    concat_dim: str
+
+    def files_of(self, region: Region) -> list[str]:
+        """The files the task for ``region`` opens."""
+        if self.loader is None:
+            return []
+        s = region.get(self.concat_dim, slice(0, sum(self.loader.lengths)))
+        return [path for path, _ in self.loader.parts(s.start, s.stop)]
+
+    def summary(self, *, tasks_shown: int = 5) -> str:
+        """A few lines for a person: files, skipped, variables, size, chunks, tasks."""
+        if self.files is None or self.template is None:
+            return f"nothing to write: all {len(self.skipped)} file(s) are in the store already"
+        dim, t = self.concat_dim, self.template
+        values = self.files.concat_values()
+        span = f" ({values[0]} .. {values[-1]})" if values is not None and len(values) else ""
+        variables = task_variables(t, dim)
+        nbytes = sum(int(t[n].nbytes) for n in variables)
+        lines = [
+            f"{len(self.files.headers)} file(s) to write"
+            + (f", {len(self.skipped)} already in the store (skipped)" if self.skipped else "")
+            + f"; {'appending' if self.mode == 'a' else 'writing'} {self.files.size} {dim!r} "
+            f"steps{span}",
+            f"variables: {', '.join(variables)} ({nbytes / 1e6:.1f} MB)",
+            "chunks: "
+            + ", ".join(
+                f"{n} {dict(zip(t[n].dims, t[n].encoding.get('chunks', ()), strict=False))}"
+                for n in variables[:3]
+            ),
+            f"{len(self.regions)} task(s):",
+        ]
+        for region in self.regions[:tasks_shown]:
+            names = [os.path.basename(p.rstrip("/")) for p in self.files_of(region)]
+            shown = ", ".join(names[:3]) + (f" +{len(names) - 3}" if len(names) > 3 else "")
+            lines.append(f"  {format_region(region)}: {shown}")
+        if len(self.regions) > tasks_shown:
+            lines.append(f"  ... and {len(self.regions) - tasks_shown} more")
+        return "\n".join(lines)
+
+
+@dataclass
+class IngestResult:
+    """What :func:`ingest` did.
+
+    Attributes
+    ----------
+    files : list of str
+        The files written, in concat order.
+    skipped : list of str
+        Files an append found in the store already (not written again).
+    write : WriteResult or None
+        The write (None when there was nothing to write).
+    seconds : float
+        Wall time of the whole call, the scan included.
+    scan_seconds : float
+        Of which reading the headers.
+    """
+
+    files: list[str]
+    skipped: list[str]
+    write: WriteResult | None
+    seconds: float
+    scan_seconds: float
+
+    @property
+    def snapshot_id(self) -> str | None:
+        """The commit (None if nothing was written or committed)."""
+        return None if self.write is None else self.write.snapshot_id
+
+    def summary(self) -> str:
+        """One screen for a person: files, regions, bytes, seconds, MB/s, commit, skipped."""
+        skipped = f"; skipped {len(self.skipped)} file(s) already in the store" * bool(self.skipped)
+        if self.write is None:
+            return f"nothing to write{skipped} ({self.seconds:.1f} s)"
+        w = self.write
+        mb = w.bytes_written / 1e6
+        rate = mb / self.seconds if self.seconds else 0.0
+        resumed = f", {w.n_resumed} resumed" if w.n_resumed else ""
+        commit = f"commit {w.snapshot_id} on {w.branch}" if w.snapshot_id else "not committed"
+        return (
+            f"ingested {len(self.files)} file(s): {w.n_regions} region(s){resumed}, "
+            f"{mb:.1f} MB in {self.seconds:.1f} s ({rate:.1f} MB/s; scan "
+            f"{self.scan_seconds:.1f} s) on {w.executor}\n{commit}{skipped}"
+        )
+
+
+def _check_args(concat_dim: object, mode: object, chunks: object) -> dict[str, int | None]:
+    if not isinstance(concat_dim, str) or not concat_dim:
+        raise TypeError(f"concat_dim must be a dimension name, not {concat_dim!r}")
+    if mode not in ("w-", "w", "a"):
+        raise ValueError(
+            f"mode must be 'w-' (create), 'w' (overwrite) or 'a' (append new files), not {mode!r}"
+        )
+    if chunks is None:
+        return {}
+    if not isinstance(chunks, Mapping):
+        raise TypeError(f"chunks must be a dict such as {{{concat_dim!r}: 24}}, not {chunks!r}")
+    out: dict[str, int | None] = {}
+    for dim, size in chunks.items():
+        ok = size is None or (isinstance(size, int) and not isinstance(size, bool) and size > 0)
+        if not ok and size != -1:
+            raise ValueError(f"chunks[{dim!r}] must be a positive int, -1 or None, not {size!r}")
+        out[str(dim)] = size
+    return out
+
+
+def _stored_values(target: object, branch: str, group: str | None, dim: str) -> np.ndarray | None:
+    """The stored concat coordinate (None when there is no dataset to append to yet)."""
+    store: Any
+    if isinstance(target, icechunk.Repository):
+        store = target.readonly_session(branch).store
+    else:
+        store = getattr(target, "store", None)
+    try:
+        stored = xr.open_zarr(store, group=group, consolidated=False, chunks=None)
+    except (FileNotFoundError, KeyError, ValueError):
+        return None
+    with stored:
+        if dim not in stored.variables:
+            return None
+        return np.asarray(stored[dim].values)
+
+
+# long: the steps of a plan in order, each a call; splitting would only pass them around.
+def _make_plan(
+    paths: Paths,
+    target: object,
+    adapter: Any,
+    *,
+    concat_dim: str,
+    mode: IngestMode,
+    chunks: dict[str, int | None],
+    order: Literal["by_coords", "given"],
+    step: Any,
+    engine: str | None,
+    options: SourceOptions,
+    branch: str,
+    group: str | None,
+    task_size: int | str | None,
+    encoding: Mapping[str, Mapping[str, Any]] | None,
+    retries: int,
+    progress: Progress,
+) -> IngestPlan:
+    listed = expand_paths(paths, options=options)
+    headers = scan_files(
+        listed,
+        concat_dim,
+        executor=adapter,
+        engine=engine,
+        retries=retries,
+        progress=progress,
+        options=options,
+    )
+    files = combine_headers(headers, concat_dim, order=order, step=step)
+    write_mode: IngestMode = mode
+    skipped: list[str] = []
+    stored = _stored_values(target, branch, group, concat_dim) if mode == "a" else None
+    if mode == "a" and stored is None:
+        write_mode = "w-"  # nothing to append to yet: the first run of a daily job creates
+    elif stored is not None:
+        split = split_append(files, stored, step=step)
+        skipped = [h.path for h in split.skipped]
+        if not split.new:
+            return IngestPlan(None, skipped, None, [], None, "a", concat_dim)
+        files = combine_headers(split.new, concat_dim, order="given")
+    template = file_template(files, engine=engine, options=options, chunks=chunks)
+    loader = FileLoader.of(
+        files, task_variables(template, concat_dim), engine=engine, options=options
+    )
+    regions = plan_regions(
+        loader,
+        target,  # type: ignore[arg-type]
+        template=template,
+        branch=branch,
+        group=group,
+        mode=write_mode,
+        append_dim=concat_dim if write_mode == "a" else None,
+        region_dims=[concat_dim],
+        task_size=task_size,
+        encoding=encoding,
+        parallelism=adapter.capabilities.parallelism,
+    )
+    return IngestPlan(files, skipped, template, regions, loader, write_mode, concat_dim)
+
+
+def plan_ingest(
+    paths: Paths,
+    target: Repository | Session | DistributedSession | None = None,
+    *,
+    concat_dim: str,
+    mode: IngestMode = "w-",
+    chunks: Mapping[str, int | None] | None = None,
+    order: Literal["by_coords", "given"] = "by_coords",
+    step: Any = None,
+    engine: str | None = None,
+    source_options: Mapping[str, Any] | None = None,
+    branch: str = "main",
+    group: str | None = None,
+    task_size: int | str | None = None,
+    encoding: Mapping[str, Mapping[str, Any]] | None = None,
+    executor: Any = "threads",
+    workers: int | None = None,
+    retries: int = 2,
+    progress: Progress = None,
+) -> IngestPlan:
+    """What :func:`ingest` would write, with the same arguments (the dry run).
+
+    The headers are read on ``executor`` and every check of the run is made; nothing is
+    written. Arguments as in :func:`ingest`; without ``target`` the plan is for a new store.
+
+    Returns
+    -------
+    IngestPlan
+        Files in order, skipped files, template, and the regions with the files of each.
+    """
+    checked = _check_args(concat_dim, mode, chunks)
+    with open_adapter(executor, workers=opts.check_workers(workers)) as adapter:
+        return _make_plan(
+            paths,
+            target,
+            adapter,
+            concat_dim=concat_dim,
+            mode=mode,
+            chunks=checked,
+            order=order,
+            step=step,
+            engine=engine,
+            options=SourceOptions(dict(source_options or {})),
+            branch=branch,
+            group=group,
+            task_size=task_size,
+            encoding=encoding,
+            retries=retries,
+            progress=progress,
+        )
+
+
+# long: about 80 of its lines are the docstring of its 23 parameters; the body is glue.
+def ingest(
+    paths: Paths,
+    target: Repository | Session | DistributedSession,
+    *,
+    concat_dim: str,
+    executor: Any = "threads",
+    mode: IngestMode = "w-",
+    chunks: Mapping[str, int | None] | None = None,
+    order: Literal["by_coords", "given"] = "by_coords",
+    step: Any = None,
+    engine: str | None = None,
+    source_options: Mapping[str, Any] | None = None,
+    branch: str = "main",
+    group: str | None = None,
+    task_size: int | str | None = None,
+    encoding: Mapping[str, Mapping[str, Any]] | None = None,
+    message: str | None = None,
+    metadata: Mapping[str, Any] | None = None,
+    retries: int = 2,
+    progress: Progress = None,
+    workers: int | None = None,
+    run_id: str | None = None,
+    checkpoint_every: float = 10.0,
+    backups: Backups | bool | None = None,
+) -> IngestResult:
+    """Write many source files into one dataset, in parallel, and commit once.
+
+    Every file's header is read on ``executor``; the files are ordered along ``concat_dim``
+    and checked (same variables, dtypes, dims and other coordinates; no overlapping or
+    repeated values; no gaps if ``step`` is given) before anything is written. Each task then
+    reads only the files of its region. The result is what ``xr.open_mfdataset(files,
+    combine="by_coords")`` followed by ``to_zarr`` would store. See ``docs/ingest.md``.
+
+    Parameters
+    ----------
+    paths : str, path, or sequence of them
+        Files, globs (``"data/*.nc"``, ``"data/**/*.nc"``) or ``s3://`` URLs (globs too) of
+        netCDF4/HDF5 files or Zarr stores (``*.zarr``). A glob's matches are sorted.
+    target : icechunk.Repository, icechunk.Session or DistributedSession
+        Where to write, as in :func:`~icechunk_distributed.run_region_writes`.
+    concat_dim : str
+        The dimension the files are concatenated along.
+    executor : str, concurrent.futures.Executor or Adapter, default "threads"
+        Where headers are read and regions written (one pool for both).
+    mode : {"w-", "w", "a"}, default "w-"
+        Create (refuse an existing dataset), overwrite, or append: write only the files
+        whose ``concat_dim`` values all follow the stored ones; files already stored with
+        the same values are skipped, files partly stored or inside the stored range are
+        refused. On a store without the dataset, ``"a"`` creates it.
+    chunks : dict, optional
+        ``{dim: size}`` of the new arrays (``-1`` or None: whole); by default the first
+        file's own chunks, as ``open_mfdataset`` + ``to_zarr`` would make them.
+    order : {"by_coords", "given"}, default "by_coords"
+        Sort the files by their ``concat_dim`` values, or keep the order given.
+    step : optional
+        The spacing of ``concat_dim`` values, when there must be no gaps (``"1D"``,
+        ``"6h"``, or a number); a gap is refused, naming the files around it.
+    engine : str, optional
+        xarray's engine for the files (``"h5netcdf"``, ``"zarr"``); guessed by default.
+    source_options : dict, optional
+        How to reach ``s3://`` sources: obstore's configuration (``endpoint``, ``region``,
+        ``access_key_id``, ``secret_access_key``, ``skip_signature``, ``allow_http``). Never
+        shown in messages.
+    branch, group, task_size, encoding, message, metadata, retries, progress, workers, \
+run_id, checkpoint_every, backups
+        As in :func:`~icechunk_distributed.run_region_writes`. With ``run_id`` an ingest
+        that failed or was killed resumes where it stopped.
+
+    Returns
+    -------
+    IngestResult
+        Files written and skipped, and the write's result (commit, regions, bytes, time).
+
+    Raises
+    ------
+    FileNotFoundError
+        A path does not exist or a glob matches nothing.
+    TemplateMismatchError
+        Files that cannot form one dataset, or an append that would rewrite stored values;
+        the message names the files. Nothing was written.
+    RegionWriteError
+        Regions failed on every attempt; nothing was committed.
+    """
+    t0 = time.perf_counter()
+    checked = _check_args(concat_dim, mode, chunks)
+    if isinstance(target, icechunk.Repository):
+        opts.check_branch(target, branch)
+    with open_adapter(executor, workers=opts.check_workers(workers)) as adapter:
+        plan = _make_plan(
+            paths,
+            target,
+            adapter,
+            concat_dim=concat_dim,
+            mode=mode,
+            chunks=checked,
+            order=order,
+            step=step,
+            engine=engine,
+            options=SourceOptions(dict(source_options or {})),
+            branch=branch,
+            group=group,
+            task_size=task_size,
+            encoding=encoding,
+            retries=retries,
+            progress=progress,
+        )
+        scanned = time.perf_counter() - t0
+        if plan.files is None or plan.loader is None:
+            return IngestResult([], plan.skipped, None, time.perf_counter() - t0, scanned)
+        n = len(plan.files.headers)
+        result = run_region_writes(
+            plan.loader,
+            target,
+            template=plan.template,
+            executor=adapter,
+            branch=branch,
+            group=group,
+            mode=plan.mode,
+            append_dim=concat_dim if plan.mode == "a" else None,
+            region_dims=[concat_dim],
+            regions=plan.regions,
+            encoding=encoding,
+            message=message or f"ingest {n} file(s) along {concat_dim!r}",
+            metadata=metadata,
+            retries=retries,
+            progress=progress,
+            run_id=run_id,
+            checkpoint_every=checkpoint_every,
+            backups=backups,
+        )
+    return IngestResult(plan.files.paths, plan.skipped, result, time.perf_counter() - t0, scanned)
