@@ -91,6 +91,17 @@ def test_the_dry_run_names_each_tasks_files_and_writes_nothing(tmp_path):
     assert [t.region for t in result.write.tasks] == plan.regions
 
 
+def test_progress_callbacks_see_the_scan_then_the_write(tmp_path):
+    paths = days(tmp_path, range(3))
+    events = []
+    result = icd.ingest(
+        paths, make_repo(tmp_path / "repo"), concat_dim="time", task_size=1,
+        progress=events.append,
+    )  # fmt: skip
+    done = [(e.stage, e.n_total) for e in events if e.kind == "done"]
+    assert done == [("scan", 3)] * 3 + [("write", result.write.n_regions)] * 3
+
+
 def test_small_files_are_grouped_several_per_task(tmp_path):
     paths = days(tmp_path, range(12))
     repo = make_repo(tmp_path / "repo")

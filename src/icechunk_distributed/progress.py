@@ -8,6 +8,7 @@ or both; nothing else in the package looks at ``progress=``.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import sys
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
@@ -25,6 +26,10 @@ __all__ = [
 ]
 
 EventKind = Literal["done", "retry", "failed", "backup"]
+Stage = Literal["write", "scan"]
+
+# What a bar calls its tasks, per stage.
+_BAR_LABELS: dict[str, tuple[str, str]] = {"write": ("regions", "region"), "scan": ("scan", "file")}
 
 
 @dataclass(frozen=True)
@@ -44,6 +49,8 @@ class ProgressEvent:
         Tasks finished, failed for good, and in all.
     error : str or None
         The failure, for ``retry`` and ``failed``.
+    stage : {"write", "scan"}
+        What the tasks do: write regions, or (for ``ingest``) read the files' headers.
     """
 
     kind: EventKind
@@ -53,6 +60,7 @@ class ProgressEvent:
     n_failed: int
     n_total: int
     error: str | None = None
+    stage: Stage = "write"
 
 
 Progress = bool | Callable[[ProgressEvent], None] | None
@@ -71,13 +79,16 @@ class ProgressObserver(Protocol):
 
 
 class CallbackObserver:
-    """Passes every event to a ``progress=`` callback."""
+    """Passes every event to a ``progress=`` callback, marked with the run's stage."""
 
-    def __init__(self, callback: Callable[[ProgressEvent], None]) -> None:
+    def __init__(self, callback: Callable[[ProgressEvent], None], stage: Stage = "write") -> None:
         self.callback = callback
+        self.stage = stage
 
     def on_event(self, event: ProgressEvent) -> None:
         """Call the callback."""
+        if event.stage != self.stage:
+            event = dataclasses.replace(event, stage=self.stage)
         self.callback(event)
 
     def close(self) -> None:
@@ -87,10 +98,11 @@ class CallbackObserver:
 class ProgressBar:
     """A tqdm bar of regions done, with retries, failures and backups as its postfix."""
 
-    def __init__(self, total: int) -> None:
+    def __init__(self, total: int, stage: Stage = "write") -> None:
         from tqdm.auto import tqdm
 
-        self.bar: Any = tqdm(total=total, desc="regions", unit="region")
+        desc, unit = _BAR_LABELS[stage]
+        self.bar: Any = tqdm(total=total, desc=desc, unit=unit)
         self.n_backups = 0
 
     def on_event(self, event: ProgressEvent) -> None:
@@ -108,7 +120,9 @@ class ProgressBar:
         self.bar.close()
 
 
-def observers_for(progress: Progress, total: int) -> Sequence[ProgressObserver]:
+def observers_for(
+    progress: Progress, total: int, stage: Stage = "write"
+) -> Sequence[ProgressObserver]:
     """The observers a ``progress=`` argument asks for, for a run of ``total`` tasks.
 
     Parameters
@@ -117,6 +131,8 @@ def observers_for(progress: Progress, total: int) -> Sequence[ProgressObserver]:
         ``True``: a bar; ``None``: a bar when stderr is a terminal; a callable: the callback.
     total : int
         Tasks in the run.
+    stage : {"write", "scan"}
+        What the tasks do (the bar's label; the events' ``stage``).
 
     Returns
     -------
@@ -126,14 +142,16 @@ def observers_for(progress: Progress, total: int) -> Sequence[ProgressObserver]:
     observers: list[ProgressObserver] = []
     if progress is True or (progress is None and sys.stderr.isatty()):
         with contextlib.suppress(ImportError):  # pragma: no cover - tqdm is a dependency
-            observers.append(ProgressBar(total))
+            observers.append(ProgressBar(total, stage))
     if callable(progress) and not isinstance(progress, bool):
-        observers.append(CallbackObserver(progress))
+        observers.append(CallbackObserver(progress, stage))
     return observers
 
 
 @contextlib.contextmanager
-def observing(progress: Progress, total: int) -> Iterator[list[ProgressObserver]]:
+def observing(
+    progress: Progress, total: int, stage: Stage = "write"
+) -> Iterator[list[ProgressObserver]]:
     """:func:`observers_for`, closed when the block ends, however it ends.
 
     Parameters
@@ -142,13 +160,15 @@ def observing(progress: Progress, total: int) -> Iterator[list[ProgressObserver]
         As for :func:`observers_for`.
     total : int
         Tasks in the run.
+    stage : {"write", "scan"}
+        As for :func:`observers_for`.
 
     Yields
     ------
     list of ProgressObserver
         The observers to give the run loop.
     """
-    observers = list(observers_for(progress, total))
+    observers = list(observers_for(progress, total, stage))
     try:
         yield observers
     finally:

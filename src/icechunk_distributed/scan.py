@@ -192,7 +192,10 @@ def scan_files(
     def keep(i: int, header: FileHeader, attempts: int) -> None:
         headers[i] = header
 
-    with open_adapter(executor, workers=workers) as adapter, observing(progress, len(files)) as obs:
+    with (
+        open_adapter(executor, workers=workers) as adapter,
+        observing(progress, len(files), "scan") as obs,
+    ):
         loop = TaskLoop(
             adapter,
             _scan,
