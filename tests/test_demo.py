@@ -1,12 +1,21 @@
 """The demo (the main job) and the command line."""
 
+import os
 import subprocess
 import sys
 
 import pytest
+import xarray as xr
 
 from icechunk_distributed.cli import main
-from icechunk_distributed.demo import DemoSpec, run_demo, synthetic_dataset
+from icechunk_distributed.demo import (
+    DemoSpec,
+    ingest_spec,
+    run_demo,
+    run_ingest_demo,
+    sample_files,
+    synthetic_dataset,
+)
 
 
 @pytest.mark.parametrize("executor", ["threads", "processes"])
@@ -34,7 +43,7 @@ def test_cli_demo(capsys):
 
 def test_cli_rejects_bad_size(capsys):
     assert main(["demo", "--mb", "0"]) == 2
-    assert "--mb must be positive" in capsys.readouterr().err
+    assert "argument --mb: must be positive" in capsys.readouterr().err
 
 
 def test_python_dash_m_entry_point():
@@ -45,3 +54,42 @@ def test_python_dash_m_entry_point():
         check=True,
     )
     assert "demo" in out.stdout
+
+
+def test_cli_demo_ingest(capsys):
+    assert main(["demo", "--ingest", "--executor", "threads", "--mb", "1"]) == 0
+    out, err = capsys.readouterr()
+    assert "ingested 8 file(s): 8 region(s)" in out
+    assert "verified: identical to xr.open_mfdataset of the 8 files" in out
+    assert "8 daily netCDF files" in err
+
+
+def test_ingest_demo_keeps_the_repository_at_path_and_removes_its_files(tmp_path):
+    import tempfile
+
+    before = set(os.listdir(tempfile.gettempdir()))
+    result = run_ingest_demo(executor="serial", megabytes=0.5, path=str(tmp_path / "repo"))
+    assert result.path == str(tmp_path / "repo")
+    assert (tmp_path / "repo").exists()
+    assert result.result.files and len(result.result.files) == result.n_files == 8
+    assert result.result.snapshot_id is not None
+    leftovers = set(os.listdir(tempfile.gettempdir())) - before
+    assert not [n for n in leftovers if n.startswith("icechunk-distributed-demo-")]
+
+
+def test_sample_files_are_daily_with_a_packed_variable(tmp_path):
+    spec = ingest_spec(0.2, n_files=2)
+    paths = sample_files(str(tmp_path), spec)
+    assert [os.path.basename(p) for p in paths] == ["day-2026-01-01.nc", "day-2026-01-02.nc"]
+    with xr.open_dataset(paths[0], engine="h5netcdf", decode_cf=False) as raw:
+        assert raw["precip"].dtype == "int16"
+        assert {"scale_factor", "add_offset", "_FillValue"} <= set(raw["precip"].attrs)
+        assert raw["Tair"].dtype == "float32"
+        assert raw.sizes["time"] == 24
+    with xr.open_dataset(paths[0], engine="h5netcdf") as decoded:
+        assert int(decoded["precip"].isnull().sum()) == 24  # one missing cell per step
+
+
+def test_cli_demo_quiet_prints_nothing(capsys):
+    assert main(["demo", "--executor", "threads", "--mb", "1", "--quiet"]) == 0
+    assert capsys.readouterr() == ("", "")

@@ -175,6 +175,9 @@ def test_a_gap_is_refused_when_the_step_is_given(tmp_path):
         ({"concat_dim": "time", "chunks": {"time": 0}}, ValueError, r"chunks\['time'\]"),
         ({"concat_dim": "time", "chunks": 24}, TypeError, "chunks must be a dict"),
         ({"concat_dim": "x"}, TemplateMismatchError, "no dimension 'x'"),
+        ({"concat_dim": "time", "chunks": {"tme": 3}}, ValueError, r"do not have: \['tme'\]"),
+        ({"concat_dim": "time", "run_id": "bad id"}, ValueError, "run_id must be"),
+        ({"concat_dim": "time", "retries": -1}, ValueError, "retries"),
     ],
 )
 def test_bad_arguments_are_refused(tmp_path, kwargs, error, match):
@@ -242,6 +245,32 @@ def test_an_append_that_would_rewrite_stored_values_is_refused(tmp_path, odd, ma
     with pytest.raises(TemplateMismatchError, match=match):
         icd.ingest(path, repo, concat_dim="time", mode="a")
     assert history(repo) == before
+
+
+@pytest.mark.parametrize(
+    ("odd", "match"),
+    [
+        (day(2, dtype="f8"), r"'t2m' in the files to append .*d02.nc.* dtype float64; .* float32"),
+        (day(2, extra=True), r"do not have the stored variables: not in the store \['wind'\]"),
+        (day(2).drop_vars("rain"), r"do not have the stored variables: missing \['rain'\]"),
+    ],
+)
+def test_an_append_of_files_unlike_the_store_is_refused(tmp_path, odd, match):
+    repo = make_repo(tmp_path / "repo")
+    icd.ingest(days(tmp_path, [0, 1]), repo, concat_dim="time")
+    before = history(repo)
+    (tmp_path / "new").mkdir()
+    with pytest.raises(TemplateMismatchError, match=match):
+        icd.ingest(write(tmp_path / "new", {"d02.nc": odd}), repo, concat_dim="time", mode="a")
+    assert history(repo) == before
+
+
+def test_a_bad_run_id_fails_even_with_nothing_to_write(tmp_path):
+    paths = days(tmp_path, [0])
+    repo = make_repo(tmp_path / "repo")
+    icd.ingest(paths, repo, concat_dim="time")
+    with pytest.raises(ValueError, match="run_id must be"):
+        icd.ingest(paths, repo, concat_dim="time", mode="a", run_id="bad id")
 
 
 def test_an_append_after_a_gap_is_refused_when_the_step_is_given(tmp_path):

@@ -27,7 +27,7 @@ from icechunk_distributed.errors import TemplateMismatchError
 from icechunk_distributed.scan import FileHeader, FileSet, check_step, short_list
 from icechunk_distributed.sources import SourceOptions, open_source
 
-__all__ = ["FileLoader", "file_template", "split_append", "task_variables"]
+__all__ = ["FileLoader", "StoredDataset", "file_template", "split_append", "task_variables"]
 
 # Encoding keys that describe the source file's own layout, not the data: the chunks of the
 # new arrays are decided here, once, for every variable.
@@ -221,6 +221,71 @@ class FileLoader:
             compat="override",
             join="override",
         )
+
+
+@dataclass(frozen=True)
+class StoredDataset:
+    """What an append checks new files against: the stored concat values and variables.
+
+    Attributes
+    ----------
+    values : numpy.ndarray
+        The stored concat coordinate, decoded.
+    variables : dict
+        Per data variable: its dims, its decoded dtype, and whether the store packs it
+        (``scale_factor``/``add_offset``: then any float the files bring is packed alike).
+    """
+
+    values: np.ndarray
+    variables: dict[str, tuple[tuple[str, ...], np.dtype[Any], bool]]
+
+    @classmethod
+    def of(cls, stored: xr.Dataset, concat_dim: str) -> StoredDataset:
+        """Read from an opened store."""
+        variables = {
+            str(n): (
+                tuple(str(d) for d in v.dims),
+                v.dtype,
+                bool({"scale_factor", "add_offset"} & set(v.encoding)),
+            )
+            for n, v in stored.data_vars.items()
+        }
+        return cls(np.asarray(stored[concat_dim].values), variables)
+
+    def check_append(self, template: xr.Dataset, first: str) -> None:
+        """Refuse new files whose variables, dims or dtypes are not the stored ones.
+
+        ``to_zarr`` would cast a float64 file into a float32 store silently, or fail deep
+        inside xarray on a missing variable; an ingest names the file instead.
+        """
+        ours = {str(n): v for n, v in template.data_vars.items()}
+        missing, extra = (
+            sorted(set(self.variables) - set(ours)),
+            sorted(set(ours) - set(self.variables)),
+        )
+        if missing or extra:
+            raise TemplateMismatchError(
+                f"the files to append ({first}, ...) do not have the stored variables: "
+                + "; ".join(
+                    f"{what} {names}"
+                    for what, names in (("missing", missing), ("not in the store", extra))
+                    if names
+                )
+            )
+        for name, (dims, dtype, packed) in self.variables.items():
+            var = ours[name]
+            got = tuple(str(d) for d in var.dims)
+            same = (
+                var.dtype == dtype
+                or (packed and var.dtype.kind == "f")
+                or (var.dtype.kind in "mM" and var.dtype.kind == dtype.kind)
+            )
+            if got != dims or not same:
+                raise TemplateMismatchError(
+                    f"{name!r} in the files to append ({first}, ...) has dims {got} and dtype "
+                    f"{var.dtype}; the store has {dims} and {dtype}. Convert the files, or "
+                    "write them to a new dataset"
+                )
 
 
 @dataclass(frozen=True)

@@ -24,11 +24,18 @@ import xarray as xr
 from icechunk_distributed import options as opts
 from icechunk_distributed.adapters import open_adapter
 from icechunk_distributed.api import plan_regions, run_region_writes
-from icechunk_distributed.filemap import FileLoader, file_template, split_append, task_variables
+from icechunk_distributed.filemap import (
+    FileLoader,
+    StoredDataset,
+    file_template,
+    split_append,
+    task_variables,
+)
 from icechunk_distributed.planning import Region, format_region
 from icechunk_distributed.progress import Progress
 from icechunk_distributed.results import WriteResult
 from icechunk_distributed.runner import Backups
+from icechunk_distributed.runs import work_branch
 from icechunk_distributed.scan import FileSet, combine_headers, scan_files
 from icechunk_distributed.sources import SourceOptions, expand_paths
 
@@ -86,7 +93,11 @@ class IngestPlan:
             return f"nothing to write: all {len(self.skipped)} file(s) are in the store already"
         dim, t = self.concat_dim, self.template
         values = self.files.concat_values()
-        span = f" ({values[0]} .. {values[-1]})" if values is not None and len(values) else ""
+        span = (
+            f" ({_label(values[0])} .. {_label(values[-1])})"
+            if values is not None and len(values)
+            else ""
+        )
         variables = task_variables(t, dim)
         nbytes = sum(int(t[n].nbytes) for n in variables)
         lines = [
@@ -109,6 +120,13 @@ class IngestPlan:
         if len(self.regions) > tasks_shown:
             lines.append(f"  ... and {len(self.regions) - tasks_shown} more")
         return "\n".join(lines)
+
+
+def _label(value: Any) -> str:
+    """A concat value for a person: times without trailing zero fractions."""
+    if isinstance(value, np.datetime64):
+        return str(np.datetime_as_string(value, unit="s")).replace("T00:00:00", "")
+    return str(value)
 
 
 @dataclass
@@ -177,8 +195,8 @@ def _check_args(concat_dim: object, mode: object, chunks: object) -> dict[str, i
     return out
 
 
-def _stored_values(target: object, branch: str, group: str | None, dim: str) -> np.ndarray | None:
-    """The stored concat coordinate (None when there is no dataset to append to yet)."""
+def _stored(target: object, branch: str, group: str | None, dim: str) -> StoredDataset | None:
+    """The stored concat values and variables (None: no dataset to append to yet)."""
     store: Any
     if isinstance(target, icechunk.Repository):
         store = target.readonly_session(branch).store
@@ -191,7 +209,7 @@ def _stored_values(target: object, branch: str, group: str | None, dim: str) -> 
     with stored:
         if dim not in stored.variables:
             return None
-        return np.asarray(stored[dim].values)
+        return StoredDataset.of(stored, dim)
 
 
 # long: the steps of a plan in order, each a call; splitting would only pass them around.
@@ -225,18 +243,26 @@ def _make_plan(
         options=options,
     )
     files = combine_headers(headers, concat_dim, order=order, step=step)
+    unknown = sorted(set(chunks) - set(files.headers[0].sizes))
+    if unknown:
+        raise ValueError(
+            f"chunks= names dimensions the files do not have: {unknown}; they have "
+            f"{sorted(files.headers[0].sizes)}"
+        )
     write_mode: IngestMode = mode
     skipped: list[str] = []
-    stored = _stored_values(target, branch, group, concat_dim) if mode == "a" else None
+    stored = _stored(target, branch, group, concat_dim) if mode == "a" else None
     if mode == "a" and stored is None:
         write_mode = "w-"  # nothing to append to yet: the first run of a daily job creates
     elif stored is not None:
-        split = split_append(files, stored, step=step)
+        split = split_append(files, stored.values, step=step)
         skipped = [h.path for h in split.skipped]
         if not split.new:
             return IngestPlan(None, skipped, None, [], None, "a", concat_dim)
         files = combine_headers(split.new, concat_dim, order="given")
     template = file_template(files, engine=engine, options=options, chunks=chunks)
+    if stored is not None:
+        stored.check_append(template, files.paths[0])
     loader = FileLoader.of(
         files, task_variables(template, concat_dim), engine=engine, options=options
     )
@@ -396,6 +422,13 @@ run_id, checkpoint_every, backups
     checked = _check_args(concat_dim, mode, chunks)
     if isinstance(target, icechunk.Repository):
         opts.check_branch(target, branch)
+    # Checked now, not only when there is something to write: a bad cron line must fail
+    # on its first day, whatever the directory holds.
+    message, metadata = opts.check_message(message), opts.check_metadata(metadata)
+    retries, progress = opts.check_retries(retries), opts.check_progress(progress)
+    opts.check_checkpoint_every(checkpoint_every)
+    if run_id is not None:
+        work_branch(run_id)
     with open_adapter(executor, workers=opts.check_workers(workers)) as adapter:
         plan = _make_plan(
             paths,
