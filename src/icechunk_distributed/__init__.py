@@ -28,7 +28,7 @@ from icechunk_distributed.errors import (
     UnpicklableSourceError,
     UnshareableStorageError,
 )
-from icechunk_distributed.ingest import IngestPlan, IngestResult, ingest, plan_ingest
+from icechunk_distributed.ingestion import IngestPlan, IngestResult, ingest, plan_ingest
 from icechunk_distributed.progress import ProgressEvent
 from icechunk_distributed.results import TaskFailure, TaskRecord, WriteResult
 from icechunk_distributed.runner import Backups
