@@ -25,13 +25,13 @@ import s3
 from conftest import make_repo, read_back
 from icechunk_distributed.errors import TemplateMismatchError
 from icechunk_distributed.filemap import FileLoader
-from icechunk_distributed.sources import SourceOptions
+from icechunk_distributed.sources import SourceOptions, glob_pattern
 from ingest_files import day, days, write
 
 moto_endpoint = s3.moto_endpoint
 
 
-def expected(paths: list[str]) -> xr.Dataset:
+def expected(paths: list[str], engine: str = "h5netcdf") -> xr.Dataset:
     """``open_mfdataset`` of the files, stored with ``to_zarr`` and read back as we read ours
     (a float32 ``scale_factor`` comes back from Zarr's JSON as float64, for both)."""
     store = zarr.storage.MemoryStore()
@@ -39,8 +39,13 @@ def expected(paths: list[str]) -> xr.Dataset:
     # in-memory store would be lost).
     with (
         dask.config.set(scheduler="synchronous"),
-        xr.open_mfdataset(paths, engine="h5netcdf", combine="by_coords") as ds,
+        xr.set_options(use_new_combine_kwarg_defaults=True),
+        xr.open_mfdataset(paths, engine=engine, combine="by_coords") as ds,
     ):
+        if engine == "zarr":  # Zarr v2 codecs cannot write v3 arrays: the defaults
+            for var in ds.variables.values():
+                for key in ("compressor", "compressors", "filters", "serializer"):
+                    var.encoding.pop(key, None)
         ds.to_zarr(store, consolidated=False)
     return xr.open_zarr(store, consolidated=False, chunks=None).load()
 
@@ -122,6 +127,55 @@ def test_loader_reads_only_the_overlapping_part_of_each_file(tmp_path):
     xr.testing.assert_identical(piece["t2m"], expected(paths)["t2m"].isel(time=slice(3, 9)))
 
 
+def test_one_chunk_along_the_concat_dim_is_one_task_not_the_coordinator(tmp_path):
+    paths = days(tmp_path, range(3))
+    repo = make_repo(tmp_path / "repo")
+    result = icd.ingest(paths, repo, concat_dim="time", chunks={"time": -1}, workers=4)
+    assert result.write is not None and result.write.n_regions == 1
+    assert result.write.n_chunks == 2  # t2m and rain, one chunk each, by the task
+    xr.testing.assert_identical(read_back(repo), expected(paths))
+
+
+def test_cftime_calendars_and_their_steps(tmp_path):
+    def noleap(i):
+        ds = day(i)
+        times = xr.date_range("2001-02-27", periods=12, freq="6h", calendar="noleap")
+        return ds.assign_coords(time=times[4 * i : 4 * i + 4])
+
+    paths = write(tmp_path, {f"d{i}.nc": noleap(i) for i in (2, 0, 1)})
+    repo = make_repo(tmp_path / "repo")
+    icd.ingest(paths, repo, concat_dim="time", step="6h")
+    xr.testing.assert_identical(read_back(repo), expected(paths))
+    assert read_back(repo).time.dt.calendar == "noleap"
+
+
+def test_zarr_v2_sources_get_the_default_codecs(tmp_path):
+    paths = []
+    for i in range(3):
+        path = tmp_path / f"d{i}.zarr"
+        day(i).to_zarr(path, zarr_format=2, consolidated=True)
+        paths.append(str(path))
+    repo = make_repo(tmp_path / "repo")
+    icd.ingest(str(tmp_path / "*.zarr"), repo, concat_dim="time")
+    xr.testing.assert_identical(read_back(repo), expected(paths, engine="zarr"))
+
+
+@pytest.mark.parametrize(
+    ("pattern", "key", "matches"),
+    [
+        ("era/*.nc", "era/d00.nc", True),
+        ("era/*.nc", "era/old/d00.nc", False),  # * stays inside one segment, as in glob
+        ("a*/x.nc", "a1/sub/x.nc", False),
+        ("**/*.nc", "top.nc", True),  # **/ is zero or more segments
+        ("**/*.nc", "a/b/c.nc", True),
+        ("d[0-1]?.nc", "d05.nc", True),
+        ("d[!0]?.nc", "d05.nc", False),
+    ],
+)
+def test_s3_globs_match_like_local_globs(pattern, key, matches):
+    assert bool(glob_pattern(pattern).fullmatch(key)) is matches
+
+
 # -- refusals: each before anything is written
 
 
@@ -135,6 +189,15 @@ def _odd_files(tmp_path, case):
         return write(tmp_path, {"d0.nc": day(0), "d1.nc": odd}), r"overlap"
     if case == "repeat":
         return write(tmp_path, {"d0.nc": day(0), "d1.nc": day(0)}), r"repeat"
+    if case == "coordinate":
+        odd = day(1).set_coords("rain")
+        return write(tmp_path, {"d0.nc": day(0), "d1.nc": odd}), r"in their coordinates"
+    if case == "some-without-times":
+        odd = day(1).drop_vars("time")
+        return write(tmp_path, {"d0.nc": day(0), "d1.nc": odd}), r"have no 'time' coordinate"
+    if case == "empty":
+        odd = day(1).isel(time=slice(0, 0))
+        return write(tmp_path, {"d0.nc": day(0), "d1.nc": odd}), r"no 'time' steps: .*d1.nc"
     if case == "missing":
         return [*days(tmp_path, [0]), str(tmp_path / "nope.nc")], r"no such file: .*nope.nc"
     if case == "no-match":
@@ -145,7 +208,11 @@ def _odd_files(tmp_path, case):
 
 
 @pytest.mark.parametrize(
-    "case", ["variables", "dtypes", "overlap", "repeat", "missing", "no-match", "unreadable"]
+    "case",
+    [
+        *("variables", "dtypes", "overlap", "repeat", "coordinate", "some-without-times"),
+        *("empty", "missing", "no-match", "unreadable"),
+    ],
 )
 def test_bad_file_sets_are_refused_before_anything_is_written(tmp_path, case):
     paths, match = _odd_files(tmp_path, case)
@@ -163,6 +230,10 @@ def test_a_gap_is_refused_when_the_step_is_given(tmp_path):
     with pytest.raises(TemplateMismatchError, match=r"gap in 'time': .*d01.nc ends at .*d03.nc"):
         icd.ingest(paths, repo, concat_dim="time", step="6h")
     icd.ingest(paths[:2], repo, concat_dim="time", step="6h")  # no gap: fine
+    tenths = [day(i).assign_coords(time=np.arange(4 * i, 4 * i + 4) / 10) for i in range(3)]
+    numeric = write(tmp_path, {f"n{i}.nc": ds for i, ds in enumerate(tenths)})
+    plan = icd.plan_ingest(numeric, concat_dim="time", step=0.1)  # 0.1 + 0.2 != 0.3: close
+    assert plan.files is not None and plan.files.size == 12
     with pytest.raises(ValueError, match="not a time step"):
         icd.plan_ingest(paths, concat_dim="time", step="often")
 
@@ -263,6 +334,42 @@ def test_an_append_of_files_unlike_the_store_is_refused(tmp_path, odd, match):
     with pytest.raises(TemplateMismatchError, match=match):
         icd.ingest(write(tmp_path / "new", {"d02.nc": odd}), repo, concat_dim="time", mode="a")
     assert history(repo) == before
+
+
+def test_an_append_keeps_the_stored_static_variables(tmp_path):
+    # open_mfdataset of all the files takes the first file's mask: so does the store.
+    def masked(i, value):
+        return day(i).assign(mask=("y", np.full(3, value, "f4")))
+
+    paths = write(tmp_path, {f"d{i}.nc": masked(i, float(i)) for i in range(3)})
+    repo = make_repo(tmp_path / "repo")
+    icd.ingest(paths[:2], repo, concat_dim="time")
+    icd.ingest(paths, repo, concat_dim="time", mode="a")
+    stored = read_back(repo)
+    np.testing.assert_array_equal(stored["mask"], np.zeros(3, "f4"))
+    xr.testing.assert_identical(stored, expected(paths))
+
+
+def test_an_append_that_the_stored_time_units_would_round_is_refused(tmp_path):
+    repo = make_repo(tmp_path / "repo")
+    daily = [day(i).isel(time=[0]) for i in range(2)]
+    daily[0]["time"].encoding.update({"units": "days since 2026-01-01", "dtype": "int64"})
+    paths = write(tmp_path, {"d0.nc": daily[0], "d1.nc": daily[1]})
+    icd.ingest(paths[:1], repo, concat_dim="time")
+    before = history(repo)
+    six_hourly = write(tmp_path, {"d2.nc": day(2)})  # 06:00 is no whole day
+    with pytest.raises(TemplateMismatchError, match=r"cannot be stored exactly .* rounded"):
+        icd.ingest(six_hourly, repo, concat_dim="time", mode="a")
+    icd.ingest(paths, repo, concat_dim="time", mode="a")  # whole days: fine
+    assert len(history(repo)) == len(before) + 1
+
+
+def test_an_append_without_a_stored_coordinate_along_the_dim_is_refused(tmp_path):
+    repo = make_repo(tmp_path / "repo")
+    first = day(0).assign_coords(valid=("time", np.arange(4)))
+    icd.ingest(write(tmp_path, {"d0.nc": first}), repo, concat_dim="time")
+    with pytest.raises(TemplateMismatchError, match=r"missing \[\"coordinate 'valid'\"\]"):
+        icd.ingest(days(tmp_path, [1]), repo, concat_dim="time", mode="a")
 
 
 def test_a_bad_run_id_fails_even_with_nothing_to_write(tmp_path):

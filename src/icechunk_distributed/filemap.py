@@ -16,6 +16,7 @@ of the chunk length, or the reverse) is opened by both tasks, each reading its o
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -32,6 +33,22 @@ __all__ = ["FileLoader", "StoredDataset", "file_template", "split_append", "task
 # Encoding keys that describe the source file's own layout, not the data: the chunks of the
 # new arrays are decided here, once, for every variable.
 _LAYOUT_KEYS = ("chunks", "preferred_chunks", "shards", "chunksizes", "contiguous")
+# A Zarr v2 source's codecs (numcodecs objects) cannot encode v3 arrays: the new arrays get
+# zarr's default codecs instead.
+_CODEC_KEYS = ("compressor", "compressors", "filters", "serializer")
+
+
+def _v2_codecs(encoding: Mapping[str, Any]) -> tuple[str, ...]:
+    """The codec keys of ``encoding`` when any codec in it is not a Zarr v3 codec."""
+    from zarr.abc.codec import BaseCodec
+
+    codecs = []
+    for key in _CODEC_KEYS:
+        value = encoding.get(key)
+        codecs.extend(value if isinstance(value, list | tuple) else [value])
+    if any(c is not None and not isinstance(c, BaseCodec) for c in codecs):
+        return _CODEC_KEYS
+    return ()
 
 
 def task_variables(ds: xr.Dataset, concat_dim: str) -> list[str]:
@@ -106,11 +123,14 @@ def file_template(
         # open_mfdataset makes every variable but the index coordinates a dask array in the
         # files' own chunks, and to_zarr stores those chunks: so do the same, explicitly.
         for key, var in ds.variables.items():
+            codecs = _v2_codecs(var.encoding)
             if key in ds.indexes:
-                if chunks:  # rechunking: the files' layout means nothing for the new arrays
-                    var.encoding = {k: v for k, v in var.encoding.items() if k not in _LAYOUT_KEYS}
+                # Rechunking: the files' layout means nothing for the new arrays.
+                drop = (_LAYOUT_KEYS if chunks else ()) + codecs
+                var.encoding = {k: v for k, v in var.encoding.items() if k not in drop}
                 continue
-            encoding = {k: v for k, v in var.encoding.items() if k not in _LAYOUT_KEYS}
+            drop = _LAYOUT_KEYS + codecs
+            encoding = {k: v for k, v in var.encoding.items() if k not in drop}
             own = first[key].variable
             if own.ndim:
                 encoding["chunks"] = _chunks_of(own, dim, size, chunks)
@@ -238,10 +258,13 @@ class StoredDataset:
 
     values: np.ndarray
     variables: dict[str, tuple[tuple[str, ...], np.dtype[Any], bool]]
+    along: tuple[str, ...] = ()
+    concat: xr.Variable | None = None
 
     @classmethod
     def of(cls, stored: xr.Dataset, concat_dim: str) -> StoredDataset:
         """Read from an opened store."""
+        along = tuple(sorted(str(n) for n, v in stored.coords.items() if concat_dim in v.dims))
         variables = {
             str(n): (
                 tuple(str(d) for d in v.dims),
@@ -250,7 +273,8 @@ class StoredDataset:
             )
             for n, v in stored.data_vars.items()
         }
-        return cls(np.asarray(stored[concat_dim].values), variables)
+        concat = stored[concat_dim].variable
+        return cls(np.asarray(concat.values), variables, along, concat)
 
     def check_append(self, template: xr.Dataset, first: str) -> None:
         """Refuse new files whose variables, dims or dtypes are not the stored ones.
@@ -259,10 +283,12 @@ class StoredDataset:
         inside xarray on a missing variable; an ingest names the file instead.
         """
         ours = {str(n): v for n, v in template.data_vars.items()}
-        missing, extra = (
-            sorted(set(self.variables) - set(ours)),
-            sorted(set(ours) - set(self.variables)),
-        )
+        missing = sorted(set(self.variables) - set(ours))
+        extra = sorted(set(ours) - set(self.variables))
+        dim = self.concat.dims[0] if self.concat is not None else None
+        theirs = tuple(sorted(str(n) for n, v in template.coords.items() if dim in v.dims))
+        missing += [f"coordinate {n!r}" for n in self.along if n not in theirs]
+        extra += [f"coordinate {n!r}" for n in theirs if n not in self.along]
         if missing or extra:
             raise TemplateMismatchError(
                 f"the files to append ({first}, ...) do not have the stored variables: "
@@ -286,6 +312,37 @@ class StoredDataset:
                     f"{var.dtype}; the store has {dims} and {dtype}. Convert the files, or "
                     "write them to a new dataset"
                 )
+        if dim is not None and dim in template.variables:
+            self._check_representable(template[dim].variable, first)
+
+    def _check_representable(self, new: xr.Variable, first: str) -> None:
+        """The new concat values survive the stored encoding (its units and dtype).
+
+        Six-hourly times appended to a store encoded as integer "days since ..." would be
+        rounded to whole days, silently (as ``to_zarr`` does).
+        """
+        assert self.concat is not None
+        keys = ("units", "calendar", "dtype", "scale_factor", "add_offset")
+        encoding = {k: v for k, v in self.concat.encoding.items() if k in keys}
+        probe = new.copy(deep=False)
+        probe.encoding = encoding
+        try:
+            with warnings.catch_warnings():
+                # xarray warns, then picks finer units; an append keeps the stored ones.
+                warnings.simplefilter("ignore", UserWarning)
+                encoded = xr.conventions.encode_cf_variable(probe)
+            back = xr.conventions.decode_cf_variable("probe", encoded)
+            same = encoded.attrs.get("units") == encoding.get("units") and np.array_equal(
+                np.asarray(back.values), np.asarray(new.values)
+            )
+        except (ValueError, TypeError, OverflowError):
+            same = False
+        if not same:
+            raise TemplateMismatchError(
+                f"the {new.dims[0]!r} values of the files to append ({first}, ...) cannot be "
+                f"stored exactly with the stored encoding {encoding}: they would be rounded. "
+                "Write them to a new dataset with finer units"
+            )
 
 
 @dataclass(frozen=True)

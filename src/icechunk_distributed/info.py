@@ -88,7 +88,9 @@ def _index_range(array: Any, name: str) -> str:
         ends = xr.decode_cf(xr.Dataset({name: ((name,), ends, attrs)}))[name].values
     if ends.dtype.kind == "M":
         # One unit for both ends, the coarsest that shows them exactly (days, or minutes...).
-        unit = next(u for u in _TIME_UNITS if (ends.astype(f"M8[{u}]") == ends).all())
+        # NaT equals nothing: judge the unit on the dates there are (NaT prints as NaT).
+        dates = ends[~np.isnat(ends)]
+        unit = next((u for u in _TIME_UNITS if (dates.astype(f"M8[{u}]") == dates).all()), "ns")
         first, last = np.datetime_as_string(ends, unit=unit)
     else:
         first, last = ends

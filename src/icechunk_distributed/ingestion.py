@@ -24,6 +24,7 @@ import xarray as xr
 from icechunk_distributed import options as opts
 from icechunk_distributed.adapters import open_adapter
 from icechunk_distributed.api import plan_regions, run_region_writes
+from icechunk_distributed.errors import TemplateMismatchError
 from icechunk_distributed.filemap import (
     FileLoader,
     StoredDataset,
@@ -38,6 +39,7 @@ from icechunk_distributed.runner import Backups
 from icechunk_distributed.runs import work_branch
 from icechunk_distributed.scan import FileSet, combine_headers, scan_files
 from icechunk_distributed.sources import SourceOptions, expand_paths
+from icechunk_distributed.template import Mode
 
 if TYPE_CHECKING:
     from icechunk import Repository, Session
@@ -70,6 +72,8 @@ class IngestPlan:
         The write mode: ``"w-"``, ``"w"``, or ``"a"`` (appending along ``concat_dim``).
     concat_dim : str
         The dimension the files are concatenated along.
+    region_dims : tuple of str
+        ``(concat_dim,)``, or ``()`` when the arrays have one chunk along it (one task).
     """
 
     files: FileSet | None
@@ -79,6 +83,7 @@ class IngestPlan:
     loader: FileLoader | None
     mode: IngestMode
     concat_dim: str
+    region_dims: tuple[str, ...]
 
     def files_of(self, region: Region) -> list[str]:
         """The files the task for ``region`` opens."""
@@ -208,6 +213,12 @@ def _stored(target: object, branch: str, group: str | None, dim: str) -> StoredD
         return None
     with stored:
         if dim not in stored.variables:
+            if stored.variables:
+                raise TemplateMismatchError(
+                    f"the store holds a dataset ({sorted(map(str, stored.data_vars))}) without "
+                    f"a {dim!r} coordinate: an append needs the stored {dim!r} values to tell "
+                    "new files from stored ones"
+                )
             return None
         return StoredDataset.of(stored, dim)
 
@@ -258,28 +269,47 @@ def _make_plan(
         split = split_append(files, stored.values, step=step)
         skipped = [h.path for h in split.skipped]
         if not split.new:
-            return IngestPlan(None, skipped, None, [], None, "a", concat_dim)
+            return IngestPlan(None, skipped, None, [], None, "a", concat_dim, (concat_dim,))
         files = combine_headers(split.new, concat_dim, order="given")
     template = file_template(files, engine=engine, options=options, chunks=chunks)
     if stored is not None:
         stored.check_append(template, files.paths[0])
-    loader = FileLoader.of(
-        files, task_variables(template, concat_dim), engine=engine, options=options
+    names = task_variables(template, concat_dim)
+    loader = FileLoader.of(files, names, engine=engine, options=options)
+    # One chunk along concat_dim: no two tasks could share it, so the coordinator would
+    # write it, reading every file itself. Give it to one task instead.
+    single = write_mode != "a" and all(
+        template[n].encoding["chunks"][template[n].dims.index(concat_dim)] >= files.size
+        for n in names
     )
+    region_dims: tuple[str, ...] = () if single else (concat_dim,)
     regions = plan_regions(
         loader,
         target,  # type: ignore[arg-type]
         template=template,
         branch=branch,
         group=group,
-        mode=write_mode,
+        mode=_zarr_mode(write_mode),
         append_dim=concat_dim if write_mode == "a" else None,
-        region_dims=[concat_dim],
+        region_dims=region_dims,
         task_size=task_size,
         encoding=encoding,
         parallelism=adapter.capabilities.parallelism,
     )
-    return IngestPlan(files, skipped, template, regions, loader, write_mode, concat_dim)
+    return IngestPlan(
+        files, skipped, template, regions, loader, write_mode, concat_dim, region_dims
+    )
+
+
+def _zarr_mode(mode: IngestMode) -> Mode:
+    """The ``to_zarr`` mode of an ingest mode.
+
+    An append is ``"a-"``: the stored variables without the concat dim (a land-sea mask,
+    2-D lat/lon) keep the values of the first files ever ingested, as
+    ``open_mfdataset`` of all the files would give them, instead of being rewritten with
+    the newest file's.
+    """
+    return "a-" if mode == "a" else mode
 
 
 def plan_ingest(
@@ -313,6 +343,8 @@ def plan_ingest(
         Files in order, skipped files, template, and the regions with the files of each.
     """
     checked = _check_args(concat_dim, mode, chunks)
+    if isinstance(target, icechunk.Repository):
+        opts.check_branch(target, branch)
     with open_adapter(executor, workers=opts.check_workers(workers)) as adapter:
         return _make_plan(
             paths,
@@ -459,9 +491,9 @@ run_id, checkpoint_every, backups
             executor=adapter,
             branch=branch,
             group=group,
-            mode=plan.mode,
+            mode=_zarr_mode(plan.mode),
             append_dim=concat_dim if plan.mode == "a" else None,
-            region_dims=[concat_dim],
+            region_dims=plan.region_dims,
             regions=plan.regions,
             encoding=encoding,
             message=message or f"ingest {n} file(s) along {concat_dim!r}",

@@ -76,6 +76,7 @@ class FileHeader:
     concat_values: np.ndarray | None
     coords: dict[str, np.ndarray]
     concat_coords: dict[str, np.ndarray] = field(default_factory=dict)
+    coord_names: tuple[str, ...] = ()
 
 
 def read_header(
@@ -121,7 +122,8 @@ def read_header(
             for name, var in ds.coords.items()
             if name != concat_dim and concat_dim in var.dims
         }
-    return FileHeader(str(path), variables, sizes, values, coords, along)
+        names = tuple(sorted(str(n) for n in ds.coords if n != concat_dim))
+    return FileHeader(str(path), variables, sizes, values, coords, along, names)
 
 
 @dataclass(frozen=True)
@@ -307,7 +309,18 @@ def combine_headers(
         raise TemplateMismatchError(
             f"{len(lacking)} file(s) have no dimension {concat_dim!r}: {short_list(lacking)}"
         )
+    empty = [h.path for h in headers if h.sizes[concat_dim] == 0]
+    if empty:
+        raise TemplateMismatchError(
+            f"{len(empty)} file(s) have no {concat_dim!r} steps: {short_list(empty)}"
+        )
     _check_same(headers, concat_dim)
+    unindexed = [h.path for h in headers if h.concat_values is None]
+    if unindexed and len(unindexed) < len(headers):
+        raise TemplateMismatchError(
+            f"{len(unindexed)} of {len(headers)} file(s) have no {concat_dim!r} coordinate: "
+            f"{short_list(unindexed)}; the files must all have it or all lack it"
+        )
     ordered = list(headers)
     if order == "by_coords":
         unindexed = [h.path for h in headers if h.concat_values is None]
@@ -337,6 +350,7 @@ def _check_same(headers: Sequence[FileHeader], concat_dim: str) -> None:
     first = headers[0]
     checks: list[tuple[str, Callable[[FileHeader], Any]]] = [
         ("variables", lambda h: sorted(h.variables)),
+        ("coordinates", lambda h: h.coord_names),
         ("dimensions", lambda h: {n: v.dims for n, v in h.variables.items()}),
         ("dtypes", lambda h: {n: v.dtype for n, v in h.variables.items()}),
         ("sizes", lambda h: {d: n for d, n in h.sizes.items() if d != concat_dim}),
@@ -367,8 +381,7 @@ def _check_increasing(ordered: Sequence[FileHeader], concat_dim: str) -> None:
         values = h.concat_values
         if values is None or not len(values):
             continue
-        steps = np.diff(values)
-        if len(steps) and not np.all(steps > np.zeros_like(steps)):
+        if len(values) > 1 and not np.all(values[1:] > values[:-1]):
             raise TemplateMismatchError(
                 f"{h.path}: its {concat_dim!r} values do not strictly increase"
             )
@@ -385,14 +398,19 @@ def _check_increasing(ordered: Sequence[FileHeader], concat_dim: str) -> None:
 
 
 def as_step(step: Any, values: np.ndarray) -> Any:
-    """``step`` in the units of ``values`` (a ``timedelta64`` for times)."""
-    if values.dtype.kind in "mM":
+    """``step`` in the units of ``values``.
+
+    A ``timedelta64`` for datetime64 values, a ``timedelta`` for cftime dates.
+    """
+    cftime = values.dtype == object and len(values) > 0 and hasattr(values[0], "calendar")
+    if values.dtype.kind in "mM" or cftime:
         import pandas as pd
 
         try:
-            return pd.Timedelta(step).to_timedelta64()
+            delta = pd.Timedelta(step)
         except (ValueError, TypeError) as exc:
             raise ValueError(f"step={step!r} is not a time step such as '1D' or '6h'") from exc
+        return delta.to_pytimedelta() if cftime else delta.to_timedelta64()
     if isinstance(step, str | np.timedelta64) or not np.isscalar(step):
         raise ValueError(f"step={step!r} must be a number for numeric {values.dtype} values")
     return step
@@ -413,18 +431,26 @@ def check_step(
                 f"step= needs {concat_dim!r} values in every file; {h.path} has none"
             )
         want = as_step(step, values)
-        if previous is not None and values[0] - previous != want:
+        if previous is not None and not _same_step(values[0] - previous, want):
             raise TemplateMismatchError(
                 f"a gap in {concat_dim!r}: {previous_path} ends at {previous}, {h.path} starts "
                 f"at {values[0]}, but step={step!r}"
             )
-        bad = np.flatnonzero(np.diff(values) != want)
+        bad = np.flatnonzero(~_same_step(values[1:] - values[:-1], want))
         if len(bad):
             raise TemplateMismatchError(
                 f"a gap in {concat_dim!r} inside {h.path}: {values[bad[0]]} is followed by "
                 f"{values[bad[0] + 1]}, but step={step!r}"
             )
         previous, previous_path = values[-1], h.path
+
+
+def _same_step(steps: Any, want: Any) -> Any:
+    """``steps == want``, within rounding for floats (0.1 + 0.2 is not 0.3)."""
+    steps = np.asarray(steps)
+    if steps.dtype.kind == "f":
+        return np.isclose(steps, want, rtol=1e-9, atol=0)
+    return steps == want
 
 
 def _same_values(a: np.ndarray | None, b: np.ndarray) -> bool:

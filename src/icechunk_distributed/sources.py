@@ -13,10 +13,10 @@ so neither an error message nor a log line can carry a credential.
 
 from __future__ import annotations
 
-import fnmatch
 import glob
 import io
 import os
+import re
 import warnings
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
@@ -127,7 +127,39 @@ def _glob_remote(pattern: str, options: SourceOptions | None) -> list[str]:
     names = [meta["path"] for batch in obstore.list(store, prefix=prefix or None) for meta in batch]
     # A Zarr store is a directory of objects: match the store, not its chunks.
     tops = {n.split(".zarr/", 1)[0] + ".zarr" if ".zarr/" in n else n for n in names}
-    return [f"{scheme}://{bucket}/{n}" for n in sorted(tops) if fnmatch.fnmatchcase(n, key)]
+    match = glob_pattern(key)
+    return [f"{scheme}://{bucket}/{n}" for n in sorted(tops) if match.fullmatch(n)]
+
+
+def glob_pattern(pattern: str) -> re.Pattern[str]:
+    """A glob as ``glob.glob(recursive=True)`` reads it, for object keys.
+
+    ``*``, ``?`` and ``[...]`` stay inside one path segment; ``**/`` is any number of
+    segments, none included (``fnmatch`` would let ``*`` cross ``/``).
+    """
+    out, i = [], 0
+    while i < len(pattern):
+        if pattern.startswith("**/", i):
+            out.append("(?:[^/]+/)*")
+            i += 3
+        elif pattern.startswith("**", i):
+            out.append(".*")
+            i += 2
+        elif pattern[i] == "*":
+            out.append("[^/]*")
+            i += 1
+        elif pattern[i] == "?":
+            out.append("[^/]")
+            i += 1
+        elif pattern[i] == "[" and "]" in pattern[i + 2 :]:
+            end = pattern.index("]", i + 2)
+            body = pattern[i + 1 : end].replace("\\", "\\\\")
+            out.append("[^" + body[1:] + "]" if body.startswith("!") else "[" + body + "]")
+            i = end + 1
+        else:
+            out.append(re.escape(pattern[i]))
+            i += 1
+    return re.compile("".join(out))
 
 
 def guess_engine(path: str) -> str | None:

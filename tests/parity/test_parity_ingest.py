@@ -104,7 +104,7 @@ def test_appended_days_match_to_zarr_appending_them(tmp_path):
     ref_repo, our_repo = new_repo(tmp_path / "reference"), new_repo(tmp_path / "ours")
     ref = daily_files(tmp_path / "src-ref", days=5)
     write_reference(ref_repo, ref[:3], {"time": 6}, "h5netcdf")
-    write_reference(ref_repo, ref[3:], None, "h5netcdf", mode="a", append_dim="time")
+    write_reference(ref_repo, ref[3:], None, "h5netcdf", mode="a-", append_dim="time")
     ours = daily_files(tmp_path / "src-ours", days=5)
     icd.ingest(ours[:3], our_repo, concat_dim="time", chunks={"time": 6}, progress=False)
     # The daily cron lists the whole directory again: stored days are skipped.
