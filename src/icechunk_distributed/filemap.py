@@ -42,7 +42,7 @@ def _v2_codecs(encoding: Mapping[str, Any]) -> tuple[str, ...]:
     """The codec keys of ``encoding`` when any codec in it is not a Zarr v3 codec."""
     from zarr.abc.codec import BaseCodec
 
-    codecs = []
+    codecs: list[Any] = []
     for key in _CODEC_KEYS:
         value = encoding.get(key)
         codecs.extend(value if isinstance(value, list | tuple) else [value])

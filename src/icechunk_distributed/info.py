@@ -90,7 +90,9 @@ def _index_range(array: Any, name: str) -> str:
         # One unit for both ends, the coarsest that shows them exactly (days, or minutes...).
         # NaT equals nothing: judge the unit on the dates there are (NaT prints as NaT).
         dates = ends[~np.isnat(ends)]
-        unit = next((u for u in _TIME_UNITS if (dates.astype(f"M8[{u}]") == dates).all()), "ns")
+        unit: Literal["D", "m", "s", "ms", "us", "ns"] = next(
+            (u for u in _TIME_UNITS if (dates.astype(f"M8[{u}]") == dates).all()), "ns"
+        )
         first, last = np.datetime_as_string(ends, unit=unit)
     else:
         first, last = ends
