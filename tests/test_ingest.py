@@ -6,12 +6,7 @@ comparison with ``to_zarr`` is tests/parity/test_parity_ingest.py).
 
 from __future__ import annotations
 
-import contextlib
 import os
-import signal
-import subprocess
-import sys
-import time
 
 import boto3
 import dask
@@ -27,6 +22,7 @@ from icechunk_distributed.errors import TemplateMismatchError
 from icechunk_distributed.filemap import FileLoader
 from icechunk_distributed.sources import SourceOptions, glob_pattern
 from ingest_files import day, days, write
+from killing import kill_when
 
 moto_endpoint = s3.moto_endpoint
 
@@ -412,28 +408,13 @@ def test_a_killed_ingest_resumes_with_its_run_id(tmp_path):
     icd.ingest(days(src, [0, 1]), repo, concat_dim="time", chunks={"time": 4})
     paths = days(src, range(2, 26))
     before = history(repo)
-    log = open(tmp_path / "coordinator.log", "w+")  # noqa: SIM115 - closed below
-    proc = subprocess.Popen(
-        [sys.executable, "-c", COORDINATOR, str(tmp_path / "repo"), str(src / "*.nc")],
-        stdout=log,
-        stderr=log,
-        start_new_session=True,
-    )
-    deadline = time.monotonic() + 180
-    try:
-        while time.monotonic() < deadline and proc.poll() is None:
-            runs = icd.list_runs(repo)
-            if runs and runs[0].n_done >= 4:
-                break
-            time.sleep(0.05)
-        log.seek(0)
-        assert proc.poll() is None, f"the coordinator ended before it was killed:\n{log.read()}"
-        os.killpg(proc.pid, signal.SIGKILL)
-    finally:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
-        log.close()
+
+    def far_enough() -> bool:
+        runs = icd.list_runs(repo)
+        return bool(runs) and runs[0].n_done >= 4
+
+    args = [str(tmp_path / "repo"), str(src / "*.nc")]
+    kill_when(COORDINATOR, args, far_enough, tmp_path / "coordinator.log")
     (run,) = icd.list_runs(repo)
     done = run.n_done
     assert 4 <= done < 24 and history(repo) == before  # nothing published yet

@@ -4,13 +4,7 @@ Each case ends one of two ways, and the test checks which: the exact source data
 once, or the target branch is unchanged and the error names what failed.
 """
 
-import contextlib
 import json
-import os
-import signal
-import subprocess
-import sys
-import time
 
 import icechunk
 import numpy as np
@@ -28,6 +22,7 @@ from icechunk_distributed import (
     run_region_writes,
 )
 from icechunk_distributed.runs import read_state
+from killing import kill_when
 from tasks import DieOnce, FlakyLoader, full_dataset, load_region
 
 moto_endpoint = s3.moto_endpoint
@@ -187,30 +182,13 @@ def test_coordinator_killed_then_resumed(engine, storage, tmp_path):
     repo = storage.create()
     before = history(repo)
     name = engine_name(engine)
-    log = open(tmp_path / "coordinator.log", "w+")  # noqa: SIM115 - closed below
-    # Its own process group: the kill takes its pool (forkserver, workers) with it, as the
-    # loss of its machine would, instead of leaving them orphaned.
-    proc = subprocess.Popen(
-        [sys.executable, "-c", COORDINATOR, storage.spec(), name],
-        stdout=log,
-        stderr=log,
-        start_new_session=True,
-    )
-    deadline = time.monotonic() + 180
-    try:
-        while time.monotonic() < deadline and proc.poll() is None:
-            runs = list_runs(storage.open())
-            if runs and runs[0].n_done >= 4:
-                break
-            time.sleep(0.05)
-        log.seek(0)
-        assert proc.poll() is None, f"the coordinator ended before it was killed:\n{log.read()}"
-        os.killpg(proc.pid, signal.SIGKILL)
-    finally:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
-        log.close()
+
+    def far_enough() -> bool:
+        runs = list_runs(storage.open())
+        return bool(runs) and runs[0].n_done >= 4
+
+    args = [storage.spec(), name]
+    kill_when(COORDINATOR, args, far_enough, tmp_path / "coordinator.log")
     repo = storage.open()
     (run,) = list_runs(repo)
     assert 4 <= run.n_done <= 12 and run.n_regions == 24
