@@ -1,8 +1,11 @@
 """Benchmarks: ours against the baselines users would otherwise write, measured in one run.
 
-    python -m benchmarks                 # S1-S4 (about 6 minutes on 2 cores)
+    python -m benchmarks                 # S1-S5 (about 11 minutes on 2 cores)
     python -m benchmarks --only S1 --repeat 5
+    python -m benchmarks --only S5       # 96 netCDF files (1 GB) into a new repository
     python -m benchmarks --smoke         # tiny sizes, one repetition: checks that it all runs
+
+S5 generates its source files once into ``benchmarks/.cache/`` (about 1 GB, ignored by git).
 
 Every contender's result is read back and checked. Contenders alternate within each
 repetition and the median is reported; ratios are ours / baseline (below 1: we are faster).
@@ -27,7 +30,7 @@ os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 _root = str(Path(__file__).resolve().parent.parent)
 os.environ["PYTHONPATH"] = os.pathsep.join(p for p in [_root, os.environ.get("PYTHONPATH")] if p)
 
-from benchmarks import scenarios  # noqa: E402 - after PYTHONPATH, which workers inherit
+from benchmarks import ingest, scenarios  # noqa: E402 - after PYTHONPATH, which workers inherit
 
 RESULTS = Path(__file__).parent / "results"
 
@@ -75,7 +78,7 @@ def print_rows(rows: list[dict[str, object]]) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="icechunk-distributed benchmarks")
-    parser.add_argument("--only", default="S1,S2,S3,S4", help="comma-separated scenarios")
+    parser.add_argument("--only", default="S1,S2,S3,S4,S5", help="comma-separated scenarios")
     parser.add_argument("--repeat", type=int, default=3)
     parser.add_argument("--smoke", action="store_true", help="tiny sizes, one repetition")
     parser.add_argument("--full", action="store_true", help="S4 up to 100k tasks, 1M chunks")
@@ -131,6 +134,14 @@ def main(argv: list[str] | None = None) -> int:
         if png:
             print(f"S4   plot: {png}")
 
+    if "S5" in chosen:
+        # W = the CPU count (2 for the smoke run: a small, quick cluster on any CI machine)
+        with ingest.S5(smoke=args.smoke, workers=2 if args.smoke else None) as s5:
+            times = measure(s5.contenders(), repeat)
+            extra["S5"] = s5.report()
+            s5.print_summary()
+        rows += rows_for("S5", times, s5.OURS)
+
     print_rows(rows)
     RESULTS.mkdir(exist_ok=True)
     report = {
@@ -138,6 +149,7 @@ def main(argv: list[str] | None = None) -> int:
             "cpus": os.cpu_count(),
             "python": sys.version.split()[0],
             "platform": platform.platform(),
+            "loadavg_at_end": os.getloadavg(),
         },
         "seconds": time.perf_counter() - t0,
         "rows": rows,

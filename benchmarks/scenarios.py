@@ -405,29 +405,29 @@ def _tiny_load(region: dict[str, slice]) -> xr.Dataset:
 
 def s4_point(n_tasks: int) -> dict[str, float]:
     """One S4 measurement (run in a fresh process so peak RSS means something)."""
-    import resource
-
     import dask.array as da
+
+    from benchmarks.ingest import peak_rss_mb
 
     repos = _Repos()
     try:
         repo = repos.new()
         tpl = xr.Dataset({"v": (("i",), da.zeros(n_tasks, chunks=1, dtype="f4"))})
-        rss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        rss0 = peak_rss_mb()
         cpu0, t0 = time.thread_time(), time.perf_counter()  # this thread: the coordinator
         with ThreadPoolExecutor(2) as pool:
             icd.run_region_writes(_tiny_load, repo, template=tpl, executor=pool, task_size=1,
                                   progress=False)  # fmt: skip
         seconds = time.perf_counter() - t0
         cpu = time.thread_time() - cpu0
-        rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        rss = peak_rss_mb()
         got = zarr.open_array(repo.readonly_session("main").store, path="v")[:]
         assert (got == 1).all()
         return {
             "n_tasks": n_tasks,
             "seconds": seconds,
             "coordinator_us_per_task": cpu / n_tasks * 1e6,
-            "rss_growth_mb": (rss - rss0) / 1024,
+            "rss_growth_mb": rss - rss0,
         }
     finally:
         repos.close()

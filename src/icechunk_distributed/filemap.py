@@ -172,6 +172,7 @@ class FileLoader:
     variables: tuple[str, ...]
     engine: str | None = None
     options: SourceOptions | None = None
+    drop: tuple[str, ...] = ()
 
     @classmethod
     def of(
@@ -184,6 +185,7 @@ class FileLoader:
     ) -> FileLoader:
         """The loader of ``files``' ``variables``."""
         dim = files.concat_dim
+        others = sorted(set(files.headers[0].variables) - set(variables))
         return cls(
             tuple(files.paths),
             tuple(files.offsets),
@@ -192,6 +194,7 @@ class FileLoader:
             tuple(variables),
             engine,
             options,
+            tuple(others),
         )
 
     def parts(self, start: int, stop: int) -> list[tuple[str, slice]]:
@@ -228,7 +231,9 @@ class FileLoader:
         other = {d: v for d, v in region.items() if d != self.concat_dim}
         pieces = []
         for path, part in self.parts(s.start, s.stop):
-            with open_source(path, engine=self.engine, chunks=None, options=self.options) as ds:
+            with open_source(
+                path, engine=self.engine, chunks=None, options=self.options, drop=self.drop
+            ) as ds:
                 piece = ds[list(names)].isel({self.concat_dim: part, **other})
                 pieces.append(piece.load())
         if len(pieces) == 1:

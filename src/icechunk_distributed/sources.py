@@ -174,6 +174,7 @@ def open_source(
     engine: str | None = None,
     chunks: Any = None,
     options: SourceOptions | None = None,
+    drop: Sequence[str] = (),
 ) -> Iterator[xr.Dataset]:
     """Open one source file (decoded, as ``xr.open_mfdataset`` opens each of its files).
 
@@ -188,6 +189,9 @@ def open_source(
         on access.
     options : SourceOptions, optional
         How to reach ``s3://`` sources.
+    drop : sequence of str
+        Variables not to open at all (``drop_variables``): a task reading two variables of a
+        file need not decode its other coordinates.
     """
     engine = engine or guess_engine(path)
     options = options or SourceOptions()
@@ -200,12 +204,14 @@ def open_source(
         with warnings.catch_warnings():
             # Consolidated metadata when there is some, else the arrays' own: both are fine.
             warnings.filterwarnings("ignore", ".*consolidated metadata", RuntimeWarning)
-            ds = xr.open_dataset(where, engine="zarr", chunks=chunks, consolidated=None)
+            ds = xr.open_dataset(
+                where, engine="zarr", chunks=chunks, consolidated=None, drop_variables=drop
+            )
         with ds:
             yield ds
         return
     if not is_remote(path):
-        with xr.open_dataset(path, engine=engine, chunks=chunks) as ds:
+        with xr.open_dataset(path, engine=engine, chunks=chunks, drop_variables=drop) as ds:
             yield ds
         return
     import obstore
@@ -214,7 +220,9 @@ def open_source(
     root = options.store(f"{path.split('://', 1)[0]}://{bucket}")
     handle: Any = _Reader(obstore.open_reader(root, key))
     try:
-        with xr.open_dataset(handle, engine=engine or "h5netcdf", chunks=chunks) as ds:
+        with xr.open_dataset(
+            handle, engine=engine or "h5netcdf", chunks=chunks, drop_variables=drop
+        ) as ds:
             yield ds
     finally:
         handle.close()
