@@ -391,10 +391,13 @@ import icechunk, icechunk_distributed as icd
 from icechunk_distributed.filemap import FileLoader
 
 read = FileLoader._read
-def slow(self, region, names):  # slow files: the run is still going when it is killed
-    time.sleep(0.2)
+def gated(self, region, names):
+    # The second half never finishes: the run makes progress but cannot end before the
+    # test kills it, however busy the machine.
+    while region["time"].start >= 48:
+        time.sleep(0.05)
     return read(self, region, names)
-FileLoader._read = slow
+FileLoader._read = gated
 repo = icechunk.Repository.open(icechunk.local_filesystem_storage(sys.argv[1]))
 icd.ingest(sys.argv[2], repo, concat_dim="time", mode="a", run_id="daily", task_size=1,
            checkpoint_every=0.05, executor="threads", workers=2, progress=False)
@@ -417,7 +420,7 @@ def test_a_killed_ingest_resumes_with_its_run_id(tmp_path):
     kill_when(COORDINATOR, args, far_enough, tmp_path / "coordinator.log")
     (run,) = icd.list_runs(repo)
     done = run.n_done
-    assert 4 <= done < 24 and history(repo) == before  # nothing published yet
+    assert 4 <= done <= 12 and history(repo) == before  # nothing published yet
     result = icd.ingest(
         str(src / "*.nc"), repo, concat_dim="time", mode="a", run_id="daily", task_size=1
     )
