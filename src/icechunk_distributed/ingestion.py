@@ -451,7 +451,8 @@ run_id, checkpoint_every, backups
         Regions failed on every attempt; nothing was committed.
     """
     t0 = time.perf_counter()
-    checked = _check_args(concat_dim, mode, chunks)
+    # plan_ingest checks these too; here they fail before a pool is started.
+    _check_args(concat_dim, mode, chunks)
     if isinstance(target, icechunk.Repository):
         opts.check_branch(target, branch)
     # Checked now, not only when there is something to write: a bad cron line must fail
@@ -462,21 +463,21 @@ run_id, checkpoint_every, backups
     if run_id is not None:
         work_branch(run_id)
     with open_adapter(executor, workers=opts.check_workers(workers)) as adapter:
-        plan = _make_plan(
+        plan = plan_ingest(  # the dry run's own plan: one path from files to regions
             paths,
             target,
-            adapter,
             concat_dim=concat_dim,
             mode=mode,
-            chunks=checked,
+            chunks=chunks,
             order=order,
             step=step,
             engine=engine,
-            options=SourceOptions(dict(source_options or {})),
+            source_options=source_options,
             branch=branch,
             group=group,
             task_size=task_size,
             encoding=encoding,
+            executor=adapter,
             retries=retries,
             progress=progress,
         )

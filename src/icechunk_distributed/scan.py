@@ -252,18 +252,6 @@ class FileSet:
             return None
         return np.concatenate([p for p in parts if p is not None])
 
-    def overlapping(self, start: int, stop: int) -> list[tuple[int, slice]]:
-        """The files overlapping ``start:stop`` along the concat dim, with each one's part.
-
-        Returns ``(file index, slice within that file)`` pairs, in order.
-        """
-        out = []
-        for i, (h, offset) in enumerate(zip(self.headers, self.offsets, strict=True)):
-            end = offset + h.sizes[self.concat_dim]
-            if offset < stop and start < end:
-                out.append((i, slice(max(start, offset) - offset, min(stop, end) - offset)))
-        return out
-
 
 def combine_headers(
     headers: Sequence[FileHeader],
@@ -329,7 +317,7 @@ def combine_headers(
                 f"order='by_coords' needs a {concat_dim!r} coordinate in every file; "
                 f"{short_list(unindexed)} have none. Pass order='given' to keep the list's order."
             )
-        ordered.sort(key=lambda h: _first(h))
+        ordered.sort(key=_first)
     _check_increasing(ordered, concat_dim)
     if step is not None:
         check_step(ordered, concat_dim, step)
@@ -341,8 +329,9 @@ def combine_headers(
 
 
 def _first(header: FileHeader) -> Any:
-    values = header.concat_values
-    return values[0] if values is not None and len(values) else np.inf
+    # Empty files and files without concat values were refused before sorting.
+    assert header.concat_values is not None
+    return header.concat_values[0]
 
 
 def _check_same(headers: Sequence[FileHeader], concat_dim: str) -> None:
