@@ -27,6 +27,7 @@ __all__ = [
     "ChunkCoords",
     "Fork",
     "chunk_bytes",
+    "chunk_content",
     "chunk_key",
     "claim_process",
     "node_bytes",
@@ -188,7 +189,7 @@ def chunk_key(metadata: dict[str, Any], coords: ChunkCoords) -> str:
     """The store key of a chunk, relative to its array, from the array's ``zarr.json``.
 
     zarr v3's chunk key encodings ("default" ``c/0/1``, "v2" ``0.1``) as the spec defines
-    them: zarr has no public function for it (``tests/test_pins.py`` checks we agree).
+    them: zarr has no public function for it (``tests/test_structure.py`` checks we agree).
     """
     encoding = metadata.get("chunk_key_encoding", {"name": "default"})
     name = encoding.get("name", "default")
@@ -212,3 +213,32 @@ def chunk_bytes(session: Session, path: str, coords: ChunkCoords) -> bytes | Non
 def node_bytes(session: Session, path: str) -> bytes | None:
     """The ``zarr.json`` of one array or group."""
     return read_key(session, f"{path.strip('/')}/zarr.json".lstrip("/"))
+
+
+async def _virtual_ref(store: IcechunkStore, path: str, coords: ChunkCoords) -> tuple[Any, ...]:
+    async for batch in store.array_chunk_iterator(path.strip("/")):
+        at, _, locations, offsets, lengths, _ = batch
+        for i in range(len(locations)):
+            if tuple(int(c) for c in at[i]) == coords:
+                return (locations[i], int(offsets[i]), int(lengths[i]))
+    return ()
+
+
+def chunk_content(session: Session, path: str, coords: ChunkCoords) -> Any:
+    """What one chunk holds, to compare two writes of it.
+
+    A virtual chunk is its reference ``(location, offset, length)``: two tasks that point the
+    same chunk at different places collide even if the bytes there happen to agree, and the
+    coordinator need not be allowed to read the source files. Any other chunk is its bytes.
+    """
+    import icechunk
+
+    if session.chunk_type(path, list(coords)) != icechunk.ChunkType.virtual:
+        return chunk_bytes(session, path, coords)
+    coro = _virtual_ref(session.store, path, coords)
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        return ("virtual", *asyncio.run(coro))
+    with ThreadPoolExecutor(1) as pool:
+        return ("virtual", *pool.submit(asyncio.run, coro).result())

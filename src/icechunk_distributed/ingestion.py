@@ -40,6 +40,18 @@ from icechunk_distributed.runs import work_branch
 from icechunk_distributed.scan import FileSet, combine_headers, scan_files
 from icechunk_distributed.sources import SourceOptions, expand_paths
 from icechunk_distributed.template import Mode
+from icechunk_distributed.virtual import (
+    VirtualHeaderReader,
+    VirtualLoader,
+    VirtualOptions,
+    check_containers,
+    check_grid,
+    check_virtual,
+    check_virtual_append,
+    file_batches,
+    file_url,
+    virtual_template,
+)
 
 if TYPE_CHECKING:
     from icechunk import Repository, Session
@@ -66,8 +78,8 @@ class IngestPlan:
         The dataset the files form (lazy where the tasks write).
     regions : list of dict
         One ``{concat_dim: slice}`` per task, in the template's coordinates.
-    loader : FileLoader or None
-        What each task runs to read its region.
+    loader : FileLoader, VirtualLoader or None
+        What each task runs to read its region (or, virtual, to parse its files).
     mode : str
         The write mode: ``"w-"``, ``"w"``, or ``"a"`` (appending along ``concat_dim``).
     concat_dim : str
@@ -80,7 +92,7 @@ class IngestPlan:
     skipped: list[str]
     template: xr.Dataset | None
     regions: list[Region]
-    loader: FileLoader | None
+    loader: FileLoader | VirtualLoader | None
     mode: IngestMode
     concat_dim: str
     region_dims: tuple[str, ...]
@@ -105,12 +117,13 @@ class IngestPlan:
         )
         variables = task_variables(t, dim)
         nbytes = sum(int(t[n].nbytes) for n in variables)
+        kind = "referenced" if isinstance(self.loader, VirtualLoader) else "copied"
         lines = [
             f"{len(self.files.headers)} file(s) to write"
             + (f", {len(self.skipped)} already in the store (skipped)" if self.skipped else "")
             + f"; {'appending' if self.mode == 'a' else 'writing'} {self.files.size} {dim!r} "
             f"steps{span}",
-            f"variables: {', '.join(variables)} ({nbytes / 1e6:.1f} MB)",
+            f"variables: {', '.join(variables)} ({nbytes / 1e6:.1f} MB, {kind})",
             "chunks: "
             + ", ".join(
                 f"{n} {dict(zip(t[n].dims, t[n].encoding.get('chunks', ()), strict=False))}"
@@ -242,8 +255,12 @@ def _make_plan(
     encoding: Mapping[str, Mapping[str, Any]] | None,
     retries: int,
     progress: Progress,
+    virtual: VirtualOptions | None = None,
 ) -> IngestPlan:
     listed = expand_paths(paths, options=options)
+    reader = None
+    if virtual is not None:
+        reader = VirtualHeaderReader(concat_dim, virtual.parser, options, virtual.loadable)
     headers = scan_files(
         listed,
         concat_dim,
@@ -252,8 +269,13 @@ def _make_plan(
         retries=retries,
         progress=progress,
         options=options,
+        reader=reader,
     )
     files = combine_headers(headers, concat_dim, order=order, step=step)
+    if virtual is not None:
+        check_grid(files)
+        if target is not None:
+            check_containers(target, [file_url(p) for p in files.paths])
     unknown = sorted(set(chunks) - set(files.headers[0].sizes))
     if unknown:
         raise ValueError(
@@ -271,6 +293,10 @@ def _make_plan(
         if not split.new:
             return IngestPlan(None, skipped, None, [], None, "a", concat_dim, (concat_dim,))
         files = combine_headers(split.new, concat_dim, order="given")
+    if virtual is not None:
+        return _virtual_plan(
+            files, skipped, target, adapter, virtual, write_mode, branch, group, options
+        )
     template = file_template(files, engine=engine, options=options, chunks=chunks)
     if stored is not None:
         stored.check_append(template, files.paths[0])
@@ -299,6 +325,47 @@ def _make_plan(
     return IngestPlan(
         files, skipped, template, regions, loader, write_mode, concat_dim, region_dims
     )
+
+
+def _virtual_plan(
+    files: FileSet,
+    skipped: list[str],
+    target: object,
+    adapter: Any,
+    virtual: VirtualOptions,
+    mode: IngestMode,
+    branch: str,
+    group: str | None,
+    options: SourceOptions,
+) -> IngestPlan:
+    """The plan of a virtual ingest: whole files per task, references only."""
+    dim = files.concat_dim
+    if mode == "a" and target is not None:
+        check_virtual_append(_store_of(target, branch), group, files)
+    template, along, static = virtual_template(
+        files, parser=virtual.parser, options=options, loadable=virtual.loadable
+    )
+    loader = VirtualLoader.of(files, along, static, parser=virtual.parser, options=options)
+    batches = file_batches(files, adapter.capabilities.parallelism)
+    regions = plan_regions(
+        loader,
+        target,  # type: ignore[arg-type]
+        template=template,
+        branch=branch,
+        group=group,
+        mode=_zarr_mode(mode),
+        append_dim=dim if mode == "a" else None,
+        region_dims=(dim,),
+        regions=batches,
+        parallelism=adapter.capabilities.parallelism,
+    )
+    return IngestPlan(files, skipped, template, regions, loader, mode, dim, (dim,))
+
+
+def _store_of(target: object, branch: str) -> Any:
+    if isinstance(target, icechunk.Repository):
+        return target.readonly_session(branch).store
+    return getattr(target, "store", None)
 
 
 def _zarr_mode(mode: IngestMode) -> Mode:
@@ -331,6 +398,9 @@ def plan_ingest(
     workers: int | None = None,
     retries: int = 2,
     progress: Progress = None,
+    virtual: bool = False,
+    parser: Any = None,
+    loadable_variables: Sequence[str] = (),
 ) -> IngestPlan:
     """What :func:`ingest` would write, with the same arguments (the dry run).
 
@@ -343,6 +413,7 @@ def plan_ingest(
         Files in order, skipped files, template, and the regions with the files of each.
     """
     checked = _check_args(concat_dim, mode, chunks)
+    how = check_virtual(virtual, parser, loadable_variables, checked, engine)
     if isinstance(target, icechunk.Repository):
         opts.check_branch(target, branch)
     with open_adapter(executor, workers=opts.check_workers(workers)) as adapter:
@@ -363,6 +434,7 @@ def plan_ingest(
             encoding=encoding,
             retries=retries,
             progress=progress,
+            virtual=how,
         )
 
 
@@ -391,6 +463,9 @@ def ingest(
     run_id: str | None = None,
     checkpoint_every: float = 10.0,
     backups: Backups | bool | None = None,
+    virtual: bool = False,
+    parser: Any = None,
+    loadable_variables: Sequence[str] = (),
 ) -> IngestResult:
     """Write many source files into one dataset, in parallel, and commit once.
 
@@ -452,7 +527,9 @@ run_id, checkpoint_every, backups
     """
     t0 = time.perf_counter()
     # plan_ingest checks these too; here they fail before a pool is started.
-    _check_args(concat_dim, mode, chunks)
+    check_virtual(
+        virtual, parser, loadable_variables, _check_args(concat_dim, mode, chunks), engine
+    )
     if isinstance(target, icechunk.Repository):
         opts.check_branch(target, branch)
     # Checked now, not only when there is something to write: a bad cron line must fail
@@ -480,6 +557,9 @@ run_id, checkpoint_every, backups
             executor=adapter,
             retries=retries,
             progress=progress,
+            virtual=virtual,
+            parser=parser,
+            loadable_variables=loadable_variables,
         )
         scanned = time.perf_counter() - t0
         if plan.files is None or plan.loader is None:

@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING
 import icechunk
 
 from icechunk_distributed.errors import ForeignSessionError, OverlappingWritesError
-from icechunk_distributed.forks import ChunkCoords, Fork, chunk_bytes, node_bytes
+from icechunk_distributed.forks import ChunkCoords, Fork, chunk_bytes, chunk_content, node_bytes
 
 if TYPE_CHECKING:
     from collections.abc import Collection
@@ -198,7 +198,8 @@ def _stored_chunk(fork: Fork, changes: Changes) -> Key | None:
 def _describe_overlaps(conflicts: list[Key], described: list[str]) -> OverlappingWritesError:
     more = f"\n  ... and {len(conflicts) - len(described)} more" if len(conflicts) > 10 else ""
     return OverlappingWritesError(
-        f"{len(conflicts)} chunk(s) were written with different bytes by two sessions that "
+        f"{len(conflicts)} chunk(s) were written with different bytes (or references to "
+        "different places in source files) by two sessions that "
         "could not see each other's writes (tasks of one fan-out); icechunk would silently "
         "keep whichever is merged last. Nothing was merged.\n"
         + "\n".join(described)
@@ -295,9 +296,17 @@ def _record(ledger: Ledger, fork: Fork, changes: Changes, version: int) -> None:
             own.add(w)
 
 
-def _stored(session: Session, write: Write) -> bytes | None:
+def _stored(session: Session, write: Write) -> object:
     kind, path, c = write
-    return chunk_bytes(session, path, c) if kind == "c" else node_bytes(session, path)
+    return chunk_content(session, path, c) if kind == "c" else node_bytes(session, path)
+
+
+def _as_ref(content: object) -> str:
+    """`` (reference file@offset+length)`` for a virtual chunk's content, else nothing."""
+    if isinstance(content, tuple) and content[:1] == ("virtual",):
+        location, offset, length = content[1:]
+        return f" (reference {location}@{offset}+{length})"
+    return ""
 
 
 def _check_overlaps(
@@ -309,12 +318,12 @@ def _check_overlaps(
     conflicts: list[Key] = []
     described: list[str] = []
 
-    def conflict(write: Write, name: str, other: str) -> None:
+    def conflict(write: Write, name: str, other: str, mine: object, theirs: object) -> None:
         kind, path, c = write
         conflicts.append((path, c))
         if len(described) < 10:
             what = f"chunk {list(c)}" if kind == "c" else "metadata"
-            described.append(f"  {path} {what}: {name} and {other}")
+            described.append(f"  {path} {what}: {name}{_as_ref(mine)} and {other}{_as_ref(theirs)}")
 
     # The first writer of each chunk and node in this call, by kind ("c" or "n"): keyed by
     # (path, coords), so that the common case (one writer) builds no Write tuple.
@@ -327,8 +336,9 @@ def _check_overlaps(
         if owner is not None and owner[0] != fork.uid and seen_of[fork.uid] < owner[1]:
             # An earlier merge this fork could not see wrote it too.
             write = (kind, path, c)
-            if _stored(fork.session(), write) != _stored(target.session, write):
-                conflict(write, name, f"an earlier merge into {target.describe}")
+            mine, theirs = _stored(fork.session(), write), _stored(target.session, write)
+            if mine != theirs:
+                conflict(write, name, f"an earlier merge into {target.describe}", mine, theirs)
                 return
         other_item = first[kind].setdefault((path, c), item)
         if other_item is item:
@@ -337,8 +347,9 @@ def _check_overlaps(
         other, _, other_name = other_item
         if write in ledger.own.get(other.uid, nobody):
             return  # the other's write was merged before: checked against the ledger
-        if _stored(fork.session(), write) != _stored(other.session(), write):
-            conflict(write, name, other_name)
+        mine, theirs = _stored(fork.session(), write), _stored(other.session(), write)
+        if mine != theirs:
+            conflict(write, name, other_name, mine, theirs)
 
     empty: dict[ChunkCoords, tuple[str, int]] = {}
     for item in todo:

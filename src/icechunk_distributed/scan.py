@@ -28,6 +28,7 @@ from icechunk_distributed.sources import SourceOptions, is_remote, open_source
 __all__ = [
     "FileHeader",
     "FileSet",
+    "HeaderReader",
     "VariableHeader",
     "as_step",
     "check_step",
@@ -68,6 +69,11 @@ class FileHeader:
     concat_coords : dict
         The values of the other coordinates along ``concat_dim`` (the coordinator writes
         coordinates; these are small).
+    coord_names : tuple of str
+        The coordinates other than the concat coordinate.
+    layouts : dict
+        For a virtual ingest: per referenced array, its layout (dtype, chunk shape, codecs,
+        fill value), which must be the same in every file.
     """
 
     path: str
@@ -77,6 +83,7 @@ class FileHeader:
     coords: dict[str, np.ndarray]
     concat_coords: dict[str, np.ndarray] = field(default_factory=dict)
     coord_names: tuple[str, ...] = ()
+    layouts: dict[str, str] = field(default_factory=dict)
 
 
 def read_header(
@@ -126,16 +133,22 @@ def read_header(
     return FileHeader(str(path), variables, sizes, values, coords, along, names)
 
 
+HeaderReader = Callable[[str], FileHeader]
+
+
 @dataclass(frozen=True)
 class _ScanTask:
     path: str
     concat_dim: str
     engine: str | None
     options: SourceOptions | None
+    reader: HeaderReader | None = None
 
 
 def _scan(task: _ScanTask) -> FileHeader | BaseException:
     try:
+        if task.reader is not None:
+            return task.reader(task.path)
         return read_header(task.path, task.concat_dim, engine=task.engine, options=task.options)
     except Exception as exc:  # travels home as the result: the loop retries, then reports
         return exc
@@ -151,6 +164,7 @@ def scan_files(
     progress: Progress = None,
     workers: int | None = None,
     options: SourceOptions | None = None,
+    reader: HeaderReader | None = None,
 ) -> list[FileHeader]:
     """Read every file's header on ``executor``; return them in the order given.
 
@@ -172,6 +186,9 @@ def scan_files(
         Pool size for executors started by name.
     options : SourceOptions, optional
         How to reach ``s3://`` sources.
+    reader : callable, optional
+        Reads one file's header in a task instead of :func:`read_header` (picklable; a
+        virtual ingest's parses the file with VirtualiZarr).
 
     Returns
     -------
@@ -208,7 +225,7 @@ def scan_files(
             observers=obs,
         )
         failed = loop.run(
-            len(files), lambda i, attempt: _ScanTask(files[i], concat_dim, engine, options)
+            len(files), lambda i, attempt: _ScanTask(files[i], concat_dim, engine, options, reader)
         )
     if failed:
         lines = "\n".join(f"  {files[f.index]}: {f.result}" for f in failed[:_SHOWN])
@@ -343,6 +360,7 @@ def _check_same(headers: Sequence[FileHeader], concat_dim: str) -> None:
         ("dimensions", lambda h: {n: v.dims for n, v in h.variables.items()}),
         ("dtypes", lambda h: {n: v.dtype for n, v in h.variables.items()}),
         ("sizes", lambda h: {d: n for d, n in h.sizes.items() if d != concat_dim}),
+        ("codecs, chunks or fill values", lambda h: h.layouts),
     ]
     for what, of in checks:
         want = of(first)

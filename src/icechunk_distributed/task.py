@@ -24,6 +24,7 @@ import xarray as xr
 
 from icechunk_distributed.errors import PieceMismatchError
 from icechunk_distributed.planning import Region, format_region
+from icechunk_distributed.references import is_virtual, write_references
 from icechunk_distributed.session import SessionSnapshot
 
 __all__ = ["Loader", "TaskInput", "TaskOutput", "run_task", "same_dtype", "write_variables"]
@@ -205,8 +206,20 @@ def write_variables(
     prefix = f"{group}/" if group else ""
     for name, variable in data.variables.items():
         name = str(name)
-        var = variable.copy(deep=False)
         dims = stored_dims.get(name)
+        if is_virtual(variable.data):
+            # References to chunks of source files: stored as they are, never encoded.
+            write_references(
+                store,
+                group,
+                name,
+                variable.data,
+                dims=tuple(map(str, variable.dims)),
+                region=region,
+                checksum=variable.encoding.get("last_updated_at"),
+            )
+            continue
+        var = variable.copy(deep=False)
         if dims and tuple(map(str, var.dims)) != dims:
             var = var.transpose(*dims)
         var.encoding = dict(encodings.get(name, {}))

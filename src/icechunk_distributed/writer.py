@@ -365,6 +365,11 @@ class RegionWriter:
         meta, encoding, lazy = metadata_dataset(
             self.template, info, self._decided, self.encoding, eager=eager
         )
+        # A virtual loader creates its arrays itself: their codecs are the source files'.
+        virtual = [n for n in getattr(self.loader, "virtual_variables", ()) if n in meta]
+        if virtual:
+            meta = meta.drop_vars(virtual)
+            lazy = [n for n in lazy if n not in virtual]
         # The base session's own store, whichever thread calls: forks made afterwards (the
         # tasks' seed) see these writes.
         store = self.session.direct_store()
@@ -393,6 +398,14 @@ class RegionWriter:
                 placed={d: slice(o, o + plan.sizes[d]) for d, o in plan.offsets.items()},
                 skip=untouched,
                 stored_dims=found.stored_dims,
+            )
+        create = getattr(self.loader, "write_virtual_metadata", None)
+        if create is not None:
+            create(
+                store,
+                self.group,
+                shapes={n: self.template[n].shape for n in virtual},
+                append_dim=self.append_dim,
             )
         self._stage = _METADATA
 
