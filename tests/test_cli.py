@@ -456,3 +456,262 @@ def test_process_workers_end_quietly_on_ctrl_c():
     # Default action: the worker ends on SIGINT without a KeyboardInterrupt traceback.
     assert handler == signal.SIG_DFL
     assert _executor("threads", 4) == "threads"
+
+
+# ---------------------------------------------------------------------------------------------
+# --virtual: the files' chunks referenced, not copied
+
+
+def file_prefix(directory) -> str:
+    """The url prefix of a virtual chunk container for the files in ``directory``."""
+    return directory.resolve().as_uri() + "/"
+
+
+def read_virtual(path, prefixes, branch: str = "main") -> xr.Dataset:
+    """The committed dataset, read with access to the containers ``prefixes`` only."""
+    access = icechunk.containers_credentials(
+        {p: icechunk.credentials.LocalFileSystemAccess for p in prefixes}
+    )
+    storage = icechunk.local_filesystem_storage(str(path))
+    repo = icechunk.Repository.open(storage, authorize_virtual_chunk_access=access)
+    return xr.open_zarr(repo.readonly_session(branch).store, consolidated=False).load()
+
+
+def containers_of(path) -> dict:
+    """The saved virtual chunk containers of the repository at ``path``."""
+    repo = icechunk.Repository.open(icechunk.local_filesystem_storage(str(path)))
+    return dict(repo.config.virtual_chunk_containers or {})
+
+
+def test_virtual_ingest_into_a_new_repository(data, tmp_path, capsys):
+    prefix = file_prefix(tmp_path / "data")
+    args = ("ingest", "data/*.nc", "repo", "--concat-dim", "time", "--executor", "threads")
+    code, out, err = cli(capsys, *args, "--virtual")
+    assert code == 0, err
+    assert "referenced 3 file(s)" in out and "new repository at repo" in out
+    assert f"referenced, not copied: the chunks stay in the files under {prefix}" in out
+    assert "added a virtual chunk container" not in out  # created with it
+    assert list(containers_of(tmp_path / "repo")) == [prefix]
+    back = read_virtual(tmp_path / "repo", [prefix])
+    with xr.open_mfdataset(data, engine="h5netcdf", combine="by_coords") as expected:
+        xr.testing.assert_identical(back, expected.load())  # pr is int16-packed in the files
+    repo = icechunk.Repository.open(icechunk.local_filesystem_storage("repo"))
+    session = repo.readonly_session("main")
+    kinds = [session.chunk_type(f"/{name}", [i, 0, 0]) for name in ("tas", "pr") for i in range(3)]
+    assert kinds == [icechunk.ChunkType.virtual] * 6
+    stats = repo.chunk_storage_stats()
+    assert stats.native_bytes == 0 and stats.virtual_bytes == 3 * 4 * 3 * 5 * (4 + 2)
+
+    code, info, err = cli(capsys, "info", "repo")
+    assert code == 0, err
+    assert f"virtual chunk containers (1):\n  {prefix}  local {tmp_path.resolve() / 'data'}" in info
+
+
+def test_virtual_ingest_on_processes_in_a_subprocess(data, tmp_path):
+    out = run(
+        "ingest", "data/*.nc", "repo", "--concat-dim", "time", "--virtual", "--workers", "2",
+        cwd=tmp_path, env=user_env(),
+    )  # fmt: skip
+    assert out.returncode == 0, out.stderr
+    assert "on processes" in out.stdout and "referenced, not copied" in out.stdout
+    assert RUST_WARNING not in out.stderr
+    back = read_virtual(tmp_path / "repo", [file_prefix(tmp_path / "data")])
+    with xr.open_mfdataset(data, engine="h5netcdf", combine="by_coords") as expected:
+        xr.testing.assert_identical(back, expected.load())
+
+
+def test_virtual_dry_run_writes_nothing(data, tmp_path, capsys):
+    prefix = file_prefix(tmp_path / "data")
+    args = ("ingest", "data/*.nc", "repo", "--concat-dim", "time", "--executor", "serial")
+    code, out, err = cli(capsys, *args, "--virtual", "--dry-run")
+    assert code == 0, err
+    assert "3 file(s) to write" in out and ", referenced)" in out
+    assert (
+        f"dry run: nothing written (a new repository at repo; it would get a virtual chunk "
+        f"container for {prefix})"
+    ) in out
+    assert not (tmp_path / "repo").exists()
+    # An existing repository without a container: the dry run plans, and saves nothing.
+    open_location("repo", create=True)
+    code, out, err = cli(capsys, *args, "--virtual", "--dry-run")
+    assert code == 0, err
+    assert f"(the repository at repo; it would get a virtual chunk container for {prefix})" in out
+    assert containers_of(tmp_path / "repo") == {}
+    assert cli(capsys, "info", "repo")[1].count("arrays on main: none") == 1
+
+
+VIRTUAL_REFUSED = [
+    (["--virtual", "--chunks", "time=8"], "error: --chunks cannot be used with --virtual"),
+    (["--virtual", "--engine", "h5netcdf"], "error: --engine cannot be used with --virtual"),
+    (["--loadable", "pr"], "error: --loadable is for --virtual ingests"),
+]
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"), VIRTUAL_REFUSED, ids=[" ".join(v[0]) for v in VIRTUAL_REFUSED]
+)
+def test_options_a_virtual_ingest_refuses_exit_2(data, tmp_path, capsys, extra, message):
+    args = ["ingest", "data/*.nc", "repo", "--concat-dim", "time", "--executor", "threads"]
+    code, out, err = cli(capsys, *args, *extra)
+    assert (code, out) == (2, "")
+    assert err.startswith(message), err
+    assert not (tmp_path / "repo").exists()
+
+
+def test_loadable_and_virtual_reach_the_library(data, tmp_path, capsys, monkeypatch):
+    import icechunk_distributed.ingestion as ingestion
+
+    seen = {}
+    real = ingestion.plan_ingest
+
+    def plan_ingest(*args, **kwargs):
+        seen.update(kwargs)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(ingestion, "plan_ingest", plan_ingest)
+    args = ("ingest", "data/*.nc", "repo", "--concat-dim", "time", "--executor", "serial")
+    code, _, err = cli(
+        capsys, *args, "--virtual", "--loadable", "y", "--loadable", "x", "--dry-run"
+    )
+    assert code == 0, err
+    assert (seen["virtual"], seen["loadable_variables"]) == (True, ("y", "x"))
+
+
+def test_virtual_ingest_adds_a_container_to_an_existing_repository(data, tmp_path, capsys):
+    more = write_days(tmp_path / "more", range(3, 5))
+    data_prefix, more_prefix = file_prefix(tmp_path / "data"), file_prefix(tmp_path / "more")
+    open_location("repo", create=True)  # a repository without containers
+    args = ("--concat-dim", "time", "--executor", "threads", "--virtual")
+    code, out, err = cli(capsys, "ingest", "data/*.nc", "repo", *args)
+    assert code == 0, err
+    assert out.startswith(f"added a virtual chunk container for {data_prefix} to the repository\n")
+    assert "new repository" not in out
+    assert list(containers_of(tmp_path / "repo")) == [data_prefix]
+
+    # Files elsewhere, appended: a second container; the first one is kept.
+    code, out, err = cli(capsys, "ingest", "more/*.nc", "repo", *args, "--append")
+    assert code == 0, err
+    assert f"added a virtual chunk container for {more_prefix}" in out
+    assert sorted(containers_of(tmp_path / "repo")) == [data_prefix, more_prefix]
+    back = read_virtual(tmp_path / "repo", [data_prefix, more_prefix])
+    with xr.open_mfdataset(data + more, engine="h5netcdf", combine="by_coords") as expected:
+        xr.testing.assert_identical(back, expected.load())
+
+    # Covered already: nothing added.
+    code, out, err = cli(capsys, "ingest", "more/*.nc", "repo", *args, "--append")
+    assert code == 0, err
+    assert "added a virtual chunk container" not in out
+    assert "nothing to write; skipped 2 file(s)" in out
+
+
+def test_a_refused_virtual_ingest_leaves_the_configuration_alone(data, tmp_path, capsys):
+    args = ("ingest", "data/*.nc", "repo", "--executor", "threads", "--virtual")
+    code, out, err = cli(capsys, *args, "--concat-dim", "level")
+    assert (code, out) == (2, "")
+    assert "have no dimension 'level'" in err
+    assert not (tmp_path / "repo").exists()  # the repository it created is removed again
+    open_location("repo", create=True)
+    code, out, err = cli(capsys, *args, "--concat-dim", "level")
+    assert (code, out) == (2, "")
+    assert "have no dimension 'level'" in err
+    assert containers_of(tmp_path / "repo") == {}  # the container was not saved
+
+
+def test_a_container_for_the_same_prefix_elsewhere_is_refused(data, tmp_path, capsys):
+    prefix = file_prefix(tmp_path / "data")
+    config = icechunk.RepositoryConfig.default()
+    elsewhere = icechunk.local_filesystem_store(str(tmp_path / "elsewhere"))
+    config.set_virtual_chunk_container(icechunk.VirtualChunkContainer(prefix, elsewhere))
+    icechunk.Repository.create(icechunk.local_filesystem_storage("repo"), config=config)
+    args = ("ingest", "data/*.nc", "repo", "--concat-dim", "time", "--virtual")
+    code, out, err = cli(capsys, *args, "--executor", "threads")
+    assert (code, out) == (2, "")
+    assert err.startswith(
+        f"error: the repository's virtual chunk container for {prefix} reads from local "
+        f"{tmp_path.resolve() / 'elsewhere'}, not from local {tmp_path.resolve() / 'data'}"
+    ), err
+    assert containers_of(tmp_path / "repo")[prefix].store == elsewhere
+    assert (
+        len(
+            list(
+                icechunk.Repository.open(icechunk.local_filesystem_storage("repo")).ancestry(
+                    branch="main"
+                )
+            )
+        )
+        == 1
+    )
+
+
+def test_a_container_that_covers_the_sources_is_used(data, tmp_path, capsys):
+    wide = tmp_path.resolve().as_uri() + "/"  # the parent of data/
+    config = icechunk.RepositoryConfig.default()
+    store = icechunk.local_filesystem_store(str(tmp_path.resolve()))
+    config.set_virtual_chunk_container(icechunk.VirtualChunkContainer(wide, store))
+    icechunk.Repository.create(icechunk.local_filesystem_storage("repo"), config=config)
+    args = ("ingest", "data/*.nc", "repo", "--concat-dim", "time", "--virtual")
+    code, out, err = cli(capsys, *args, "--executor", "threads")
+    assert code == 0, err
+    assert "added a virtual chunk container" not in out
+    assert f"the chunks stay in the files under {wide};" in out
+    assert list(containers_of(tmp_path / "repo")) == [wide]
+    back = read_virtual(tmp_path / "repo", [wide])
+    with xr.open_mfdataset(data, engine="h5netcdf", combine="by_coords") as expected:
+        xr.testing.assert_identical(back, expected.load())
+
+
+def test_virtual_sources_in_several_directories(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    files = write_days(tmp_path / "data" / "a", range(2)) + write_days(
+        tmp_path / "data" / "b", range(2, 4)
+    )
+    prefix = file_prefix(tmp_path / "data")  # the common directory
+    args = ("ingest", "data/a/*.nc", "data/b/*.nc", "repo", "--concat-dim", "time")
+    code, _, err = cli(capsys, *args, "--virtual", "--executor", "threads")
+    assert code == 0, err
+    assert list(containers_of(tmp_path / "repo")) == [prefix]
+    back = read_virtual(tmp_path / "repo", [prefix])
+    with xr.open_mfdataset(files, engine="h5netcdf", combine="by_coords") as expected:
+        xr.testing.assert_identical(back, expected.load())
+
+
+def test_virtual_s3_sources(tmp_path, s3_location, monkeypatch, capsys):
+    import boto3
+
+    monkeypatch.chdir(tmp_path)
+    files = write_days(tmp_path / "data", range(2))
+    bucket, endpoint = s3_location.bucket, s3_location.endpoint
+    client = boto3.client(
+        "s3",
+        endpoint_url=endpoint,
+        region_name=s3.REGION,
+        aws_access_key_id=s3.ACCESS_KEY_ID,
+        aws_secret_access_key=s3.SECRET_ACCESS_KEY,
+    )
+    for path in files:
+        client.upload_file(path, bucket, f"src/{os.path.basename(path)}")
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", s3.ACCESS_KEY_ID)
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", s3.SECRET_ACCESS_KEY)
+    code, out, err = cli(
+        capsys, "ingest", f"s3://{bucket}/src/*.nc", "repo", "--concat-dim", "time", "--virtual",
+        "--executor", "threads", "--source-endpoint-url", endpoint, "--allow-http",
+        "--source-region", s3.REGION,
+    )  # fmt: skip
+    assert code == 0, err
+    prefix = f"s3://{bucket}/"
+    assert f"the chunks stay in the files under {prefix}" in out
+    assert list(containers_of(tmp_path / "repo")) == [prefix]
+    credentials = icechunk.s3_credentials(
+        access_key_id=s3.ACCESS_KEY_ID, secret_access_key=s3.SECRET_ACCESS_KEY
+    )
+    repo = icechunk.Repository.open(
+        icechunk.local_filesystem_storage("repo"),
+        authorize_virtual_chunk_access=icechunk.containers_credentials({prefix: credentials}),
+    )
+    back = xr.open_zarr(repo.readonly_session("main").store, consolidated=False).load()
+    with xr.open_mfdataset(files, engine="h5netcdf", combine="by_coords") as expected:
+        xr.testing.assert_identical(back, expected.load())
+    code, info, err = cli(capsys, "info", "repo", "--commits", "0")
+    assert code == 0, err
+    assert f"  {prefix}  S3-compatible (endpoint {endpoint}, region {s3.REGION})" in info
+    assert s3.SECRET_ACCESS_KEY not in out + info

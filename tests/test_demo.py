@@ -93,3 +93,52 @@ def test_sample_files_are_daily_with_a_packed_variable(tmp_path):
 def test_cli_demo_quiet_prints_nothing(capsys):
     assert main(["demo", "--executor", "threads", "--mb", "1", "--quiet"]) == 0
     assert capsys.readouterr() == ("", "")
+
+
+def test_cli_demo_ingest_virtual(capsys):
+    assert main(["demo", "--ingest", "--virtual", "--executor", "threads", "--mb", "1"]) == 0
+    out, err = capsys.readouterr()
+    assert "referenced 8 file(s): 8 region(s), 16 chunk reference(s)" in out
+    assert (
+        "referenced, not copied: 8 of 8 chunks of Tair, 8 of 8 chunks of precip are virtual "
+        "references into the files"
+    ) in out
+    assert "verified: identical to xr.open_mfdataset of the 8 files (read with" in out
+    assert "demo --ingest --virtual: 8 daily netCDF files" in err
+
+
+def test_cli_demo_virtual_implies_ingest(capsys):
+    assert main(["demo", "--virtual", "--executor", "serial", "--mb", "0.2", "-q"]) == 0
+    assert capsys.readouterr() == ("", "")
+
+
+def test_virtual_ingest_demo_keeps_the_files_a_kept_repository_references(tmp_path):
+    import icechunk
+
+    path = tmp_path / "repo"
+    result = run_ingest_demo(executor="serial", megabytes=0.5, path=str(path), virtual=True)
+    files_dir = tmp_path / "repo-files"
+    assert result.virtual is not None and result.virtual.files_dir == str(files_dir)
+    assert result.virtual.chunk_types == {"Tair": {"virtual": 8}, "precip": {"virtual": 8}}
+    assert result.virtual.repo_bytes < result.virtual.files_bytes / 10
+    assert f"it references the files in {files_dir}: keep them" in result.summary()
+    files = sorted(str(p) for p in files_dir.glob("day-*.nc"))
+    assert len(files) == 8
+    # The kept repository reads back after the demo, with access to the files' directory.
+    prefix = files_dir.resolve().as_uri() + "/"
+    access = icechunk.containers_credentials({prefix: icechunk.credentials.LocalFileSystemAccess})
+    repo = icechunk.Repository.open(
+        icechunk.local_filesystem_storage(str(path)), authorize_virtual_chunk_access=access
+    )
+    back = xr.open_zarr(repo.readonly_session("main").store, consolidated=False).load()
+    with xr.open_mfdataset(files, engine="h5netcdf", combine="by_coords") as expected:
+        xr.testing.assert_identical(back, expected.load())
+
+
+def test_virtual_ingest_demo_refuses_a_files_directory_in_use(tmp_path):
+    (tmp_path / "repo-files").mkdir()
+    (tmp_path / "repo-files" / "notes.txt").write_text("mine")
+    with pytest.raises(ValueError, match="repo-files is not empty"):
+        run_ingest_demo(executor="serial", megabytes=0.2, path=str(tmp_path / "repo"), virtual=True)
+    assert os.listdir(tmp_path / "repo-files") == ["notes.txt"]
+    assert not (tmp_path / "repo").exists()

@@ -451,3 +451,23 @@ def test_pin_icechunk_chunk_reference_iterator(tmp_path):
     ingest_virtual([path], repo)
     refs = references(repo, "t2m")
     assert set(refs) == {(0, 0), (1, 0)} and all(r[0].endswith("d00.nc") for r in refs.values())
+
+
+def test_loadable_variables_are_copied_beside_the_references(tmp_path):
+    src = tmp_path / "src"
+    src.mkdir()
+    paths = chunked(src, range(5))
+    repo = virtual_repo(tmp_path / "repo", src)
+    ingest_virtual(paths, repo, loadable_variables=["rain"], executor="processes", workers=2)
+    xr.testing.assert_identical(read_virtual(tmp_path / "repo", src), mfdataset(paths))
+    assert chunk_types(repo, "t2m") == {"virtual"}
+    assert "virtual" not in chunk_types(repo, "rain")
+
+
+def test_a_directory_with_a_space_in_its_name(tmp_path):
+    src = tmp_path / "era 5"
+    src.mkdir()
+    paths = chunked(src, range(3))
+    repo = virtual_repo(tmp_path / "repo", src)
+    ingest_virtual(str(src / "*.nc"), repo)
+    xr.testing.assert_identical(read_virtual(tmp_path / "repo", src), mfdataset(paths))

@@ -28,7 +28,7 @@ def chunked(tmp_path, which, *, chunks: int = 2, n: int = 4, **encoding: Any) ->
 
 def prefix_of(directory) -> str:
     """The ``file://`` container prefix of a directory."""
-    return Path(os.path.abspath(directory)).as_uri().rstrip("/") + "/"
+    return "file://" + Path(os.path.abspath(directory)).as_posix().rstrip("/") + "/"
 
 
 def virtual_repo(path, sources) -> icechunk.Repository:

@@ -124,6 +124,9 @@ examples:
   # what would be written, without writing anything (no repository is created)
   icechunk-distributed ingest 'data/era5/*.nc' ./era5-repo --concat-dim time --dry-run
 
+  # reference the files' chunks instead of copying them (a virtual chunk container is added)
+  icechunk-distributed ingest 'data/era5/*.nc' ./era5-virtual --concat-dim time --virtual
+
   # from and to S3 (credentials from AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY)
   icechunk-distributed ingest 's3://bucket/era5/*.nc' s3://bucket/repos/era5 \\
       --concat-dim time --region eu-west-1
@@ -146,6 +149,7 @@ examples:
   icechunk-distributed demo --executor threads --mb 8
   icechunk-distributed demo --ingest              # 8 daily netCDF files through ingest
   icechunk-distributed demo --ingest --path ./demo-repo   # keep the repository
+  icechunk-distributed demo --ingest --virtual    # reference the files, copy nothing
 """
 
 _MAIN_EPILOG = """\
@@ -227,6 +231,9 @@ def _add_ingest(commands: Any) -> None:
         help="spacing of DIM values; refuse gaps (e.g. 1D, 6h, 0.25)",
     )
     p.add_argument("--engine", help="xarray engine for the files (h5netcdf, zarr, ...)")
+    v = p.add_argument_group("virtual ingest (netCDF4/HDF5; a container for the files is added)")
+    v.add_argument("--virtual", action="store_true", help="reference the files' chunks, copy none")
+    v.add_argument("--loadable", action="append", metavar="NAME", help="copy NAME (repeatable)")
     p.add_argument("--branch", default="main", help="branch to commit to (default: main)")
     p.add_argument("--group", help="zarr group of the dataset (default: the root)")
     p.add_argument(
@@ -284,6 +291,7 @@ def _add_demo(commands: Any) -> None:
     p.add_argument("--mb", type=_megabytes, default=64.0, help="data size in MB (default: 64)")
     p.add_argument("--path", help="repository directory to create (default: a temporary one)")
     p.add_argument("--ingest", action="store_true", help="write sample netCDF files; ingest them")
+    p.add_argument("--virtual", action="store_true", help="--ingest, files referenced")
     _add_output_options(p)
     p.set_defaults(handler=_cmd_demo)
 
@@ -372,6 +380,8 @@ def _ingest_options(args: argparse.Namespace, sources: Sequence[str]) -> dict[st
         "order": args.order,
         "step": args.step,
         "engine": args.engine,
+        "virtual": args.virtual,
+        "loadable_variables": tuple(args.loadable or ()),
         "source_options": _source_options(args, sources),
         "branch": args.branch,
         "group": args.group,
@@ -389,11 +399,14 @@ _NOT_A_REPO_HINT = (
 )
 
 
+def _s3(args: argparse.Namespace) -> S3Options:
+    return S3Options(args.endpoint_url, args.region, args.anonymous, args.allow_http)
+
+
 def _open(
     location: str, args: argparse.Namespace, *, create: bool, hint: str = _NOT_A_REPO_HINT
 ) -> RepositoryTarget:
-    s3 = S3Options(args.endpoint_url, args.region, args.anonymous, args.allow_http)
-    return open_location(location, s3, create=create, hint=hint)
+    return open_location(location, _s3(args), create=create, hint=hint)
 
 
 def _flag_hint(error: BaseException, mode: str) -> BadInputError | None:
@@ -407,11 +420,19 @@ def _flag_hint(error: BaseException, mode: str) -> BadInputError | None:
 
 
 def _cmd_ingest(args: argparse.Namespace) -> int:
+    from icechunk_distributed.containers import check_virtual_flags, open_for_sources
     from icechunk_distributed.ingestion import ingest, plan_ingest
 
     sources, location = args.sources, args.repo
+    check_virtual_flags(args.virtual, args.chunks, args.engine, args.loadable)
     options = _ingest_options(args, sources)
-    target = _open(location, args, create=not args.dry_run)
+    vt = None
+    if args.virtual:  # the repository gets containers for the sources, and access to them
+        vt = open_for_sources(
+            location, _s3(args), sources, options["source_options"],
+            create=not args.dry_run, hint=_NOT_A_REPO_HINT,
+        )  # fmt: skip
+    target = vt.target if vt else _open(location, args, create=not args.dry_run)
     options["executor"] = executor = _executor(args.executor, args.workers)
     try:
         if args.dry_run:
@@ -432,12 +453,17 @@ def _cmd_ingest(args: argparse.Namespace) -> int:
             executor.close()  # the library closes only the pools it starts itself
     if args.dry_run:
         where = "a new repository" if target.repo is None else "the repository"
-        print(f"{plan.summary()}\ndry run: nothing written ({where} at {location})")
+        more = vt.dry_run_note() if vt else ""
+        print(f"{plan.summary()}\ndry run: nothing written ({where} at {location}{more})")
         return 0
+    # Saved only now: a refused or failed ingest leaves the repository's configuration alone.
+    saved = vt.save_added() if vt and result.write is not None else ""
     if args.verbose and result.skipped:
         print("skipped (already in the store):", *result.skipped, sep="\n  ")
     if not args.quiet:
-        print(result.summary() + (f"\nnew repository at {location}" if target.created else ""))
+        new = f"\nnew repository at {location}" if target.created else ""
+        virtual = f"\n{vt.summary()}" if vt and result.write is not None else ""
+        print(f"{saved}{result.summary()}{new}{virtual}")
     return 0
 
 
@@ -460,8 +486,9 @@ def _cmd_info(args: argparse.Namespace) -> int:
 def _cmd_demo(args: argparse.Namespace) -> int:
     from icechunk_distributed.demo import run_demo, run_ingest_demo
 
-    demo: Callable[..., Any] = run_ingest_demo if args.ingest else run_demo
+    demo: Callable[..., Any] = run_ingest_demo if args.ingest or args.virtual else run_demo
     result = demo(
+        **({"virtual": True} if args.virtual else {}),
         executor=args.executor,
         workers=args.workers,
         megabytes=args.mb,

@@ -7,7 +7,10 @@ its writes come back with it.
 
 :func:`run_ingest_demo` (``demo --ingest``) is the other main job: a few daily netCDF files,
 one variable packed as int16, through :func:`~icechunk_distributed.ingest`, checked against
-what ``xr.open_mfdataset`` makes of the same files.
+what ``xr.open_mfdataset`` makes of the same files. With ``virtual=True`` (``demo --ingest
+--virtual``) the files are referenced instead of copied: the repository gets a virtual chunk
+container for their directory, is read back with access to it, and the demo counts the
+chunks that are references and compares the repository's size with the files'.
 """
 
 from __future__ import annotations
@@ -19,18 +22,21 @@ import sys
 import tempfile
 import time
 from dataclasses import dataclass
-from typing import TextIO
+from typing import Any, TextIO
 
 import numpy as np
 import xarray as xr
 
 from icechunk_distributed.api import run_region_writes
+from icechunk_distributed.info import format_bytes
 from icechunk_distributed.ingestion import IngestResult, ingest
+from icechunk_distributed.virtual import file_url
 
 __all__ = [
     "DemoResult",
     "DemoSpec",
     "IngestDemoResult",
+    "VirtualReport",
     "ingest_spec",
     "run_demo",
     "run_ingest_demo",
@@ -313,6 +319,41 @@ def sample_files(directory: str, spec: DemoSpec) -> list[str]:
 
 
 @dataclass(frozen=True)
+class VirtualReport:
+    """What a virtual ingest stored: chunk types per array, and sizes on disk.
+
+    Attributes
+    ----------
+    chunk_types : dict
+        ``{array: {chunk type: count}}`` for the data variables (``"virtual"``,
+        ``"native"``, ``"inline"``, ``"uninitialized"``).
+    repo_bytes : int
+        Bytes of the repository's directory.
+    files_bytes : int
+        Bytes of the files it references.
+    files_dir : str or None
+        Where the files are kept for a kept repository (None: removed with the demo).
+    """
+
+    chunk_types: dict[str, dict[str, int]]
+    repo_bytes: int
+    files_bytes: int
+    files_dir: str | None
+
+    def summary(self) -> str:
+        """One line: how many chunks are references, and the sizes."""
+        counts = [
+            f"{types.get('virtual', 0)} of {sum(types.values())} chunks of {name}"
+            for name, types in self.chunk_types.items()
+        ]
+        return (
+            f"referenced, not copied: {', '.join(counts)} are virtual references into the "
+            f"files; the repository takes {format_bytes(self.repo_bytes)} on disk for "
+            f"{format_bytes(self.files_bytes)} of files"
+        )
+
+
+@dataclass(frozen=True)
 class IngestDemoResult:
     """What ``demo --ingest`` did."""
 
@@ -321,16 +362,83 @@ class IngestDemoResult:
     nbytes: int
     result: IngestResult
     path: str | None
+    virtual: VirtualReport | None = None
 
     def summary(self) -> str:
         """A few human-readable lines: the ingest's summary, then the verification."""
         where = self.path if self.path else "a temporary one (removed)"
-        return (
-            f"{self.result.summary()}\nverified: identical to xr.open_mfdataset of the "
-            f"{self.n_files} files; repository: {where}"
+        lines = [self.result.summary()]
+        access = ""
+        if self.virtual is not None:
+            lines.append(self.virtual.summary())
+            access = " (read with authorize_virtual_chunk_access)"
+            if self.virtual.files_dir:
+                where += f"; it references the files in {self.virtual.files_dir}: keep them"
+        lines.append(
+            f"verified: identical to xr.open_mfdataset of the {self.n_files} files{access}; "
+            f"repository: {where}"
         )
+        return "\n".join(lines)
 
 
+def _files_dir(tmp: str, kept: str | None, virtual: bool) -> str:
+    """Where the sample files go: the temporary directory, or ``<path>-files``.
+
+    A kept virtual repository references its files: they are kept too, next to it.
+    """
+    if not (virtual and kept):
+        return tmp
+    files_dir = os.path.abspath(kept).rstrip(os.sep) + "-files"
+    if os.path.exists(files_dir) and os.listdir(files_dir):
+        raise ValueError(
+            f"{files_dir} is not empty: the virtual demo keeps its sample files there, next "
+            "to the repository at --path, as the repository references them"
+        )
+    os.makedirs(files_dir, exist_ok=True)
+    return files_dir
+
+
+def _virtual_repository(path: str, files_dir: str) -> tuple[Any, dict[str, Any]]:
+    """A new repository with a virtual chunk container for ``files_dir``, and the access."""
+    import icechunk
+
+    prefix = file_url(str(files_dir)).rstrip("/") + "/"
+    config = icechunk.RepositoryConfig.default()
+    store = icechunk.local_filesystem_store(files_dir)
+    config.set_virtual_chunk_container(icechunk.VirtualChunkContainer(prefix, store))
+    access = icechunk.containers_credentials({prefix: icechunk.credentials.LocalFileSystemAccess})
+    storage = icechunk.local_filesystem_storage(path)
+    repo = icechunk.Repository.create(storage, config, authorize_virtual_chunk_access=access)
+    return repo, access
+
+
+def _chunk_types(session: Any, names: list[str]) -> dict[str, dict[str, int]]:
+    """``{array: {chunk type: count}}`` over every chunk of the arrays ``names``."""
+    import zarr
+
+    root = zarr.open_group(session.store, mode="r")
+    out: dict[str, dict[str, int]] = {}
+    for name in names:
+        array = root[name]
+        assert isinstance(array, zarr.Array)
+        grid = [-(-n // c) for n, c in zip(array.shape, array.chunks, strict=True)]
+        counts: dict[str, int] = {}
+        for coords in np.ndindex(*grid):
+            kind = str(session.chunk_type(f"/{name}", list(coords))).rsplit(".", 1)[-1]
+            counts[kind] = counts.get(kind, 0) + 1
+        out[name] = counts
+    return out
+
+
+def _disk_bytes(directory: str) -> int:
+    return sum(
+        os.path.getsize(os.path.join(where, name))
+        for where, _, names in os.walk(directory)
+        for name in names
+    )
+
+
+# long: the demo's steps in order (files, repository, ingest, verification), each a call.
 def run_ingest_demo(
     *,
     executor: str = "processes",
@@ -340,6 +448,7 @@ def run_ingest_demo(
     out: TextIO | None = None,
     progress: bool | None = None,
     n_files: int = 8,
+    virtual: bool = False,
 ) -> IngestDemoResult:
     """Write sample daily netCDF files, ingest them in parallel, and verify the result.
 
@@ -353,18 +462,22 @@ def run_ingest_demo(
         Approximate size of the files' data.
     path : str, optional
         Repository directory (must not exist yet); a temporary one, removed afterwards, by
-        default. The sample files are always removed.
+        default. The sample files are removed, except those a kept virtual repository
+        references (in ``<path>-files``).
     out : file, optional
         Where progress lines go (stderr by default).
     progress : bool, optional
         A progress bar (default: when stderr is a terminal).
     n_files : int
         Number of daily files.
+    virtual : bool
+        Reference the files' chunks instead of copying them (VirtualiZarr), read them back
+        through the repository's virtual chunk container, and count the references.
 
     Returns
     -------
     IngestDemoResult
-        The ingest's result and where the repository is.
+        The ingest's result, where the repository is and, virtual, what it references.
     """
     import icechunk
 
@@ -373,18 +486,24 @@ def run_ingest_demo(
     workers = workers or os.cpu_count() or 2
     tmp = tempfile.mkdtemp(prefix="icechunk-distributed-demo-")
     kept, path = path, path or os.path.join(tmp, "repo")
+    files_dir = tmp
     try:
-        files = sample_files(tmp, spec)
+        files_dir = _files_dir(tmp, kept, virtual)
+        files = sample_files(files_dir, spec)
         nbytes = sum(os.path.getsize(f) for f in files)
         print(
-            f"demo --ingest: {len(files)} daily netCDF files ({nbytes / 1e6:.1f} MB; "
-            f"{spec.time_chunk}x{spec.ny}x{spec.nx} float32 Tair, int16-packed precip each), "
-            f"on {workers} {executor}",
+            f"demo --ingest{' --virtual' * virtual}: {len(files)} daily netCDF files "
+            f"({nbytes / 1e6:.1f} MB; {spec.time_chunk}x{spec.ny}x{spec.nx} float32 Tair, "
+            f"int16-packed precip each), on {workers} {executor}",
             file=out,
         )
-        repo = icechunk.Repository.create(icechunk.local_filesystem_storage(path))
+        access: dict[str, Any] | None = None
+        if virtual:
+            repo, access = _virtual_repository(path, files_dir)
+        else:
+            repo = icechunk.Repository.create(icechunk.local_filesystem_storage(path))
         result = ingest(
-            os.path.join(tmp, "day-*.nc"),
+            os.path.join(files_dir, "day-*.nc"),
             repo,
             concat_dim="time",
             executor=executor,
@@ -392,10 +511,24 @@ def run_ingest_demo(
             step="1h",  # hourly without gaps: a missing day would be refused
             message=f"demo: ingest {len(files)} daily files with {executor}",
             progress=progress,
+            virtual=virtual,
         )
-        readback = xr.open_zarr(repo.readonly_session("main").store, consolidated=False)
+        # A fresh repository object, as a reader would open it (with access, if virtual).
+        reader = icechunk.Repository.open(
+            icechunk.local_filesystem_storage(path), authorize_virtual_chunk_access=access
+        )
+        session = reader.readonly_session("main")
+        readback = xr.open_zarr(session.store, consolidated=False)
         with xr.open_mfdataset(files, engine="h5netcdf", combine="by_coords") as expected:
             xr.testing.assert_identical(readback.load(), expected.load())
-        return IngestDemoResult(executor, len(files), nbytes, result, kept)
+        report = None
+        if virtual:
+            kinds = _chunk_types(session, ["Tair", "precip"])
+            report = VirtualReport(kinds, _disk_bytes(path), nbytes, kept and files_dir)
+        return IngestDemoResult(executor, len(files), nbytes, result, kept, report)
+    except BaseException:
+        if files_dir != tmp:  # the kept files of a virtual demo that failed
+            shutil.rmtree(files_dir, ignore_errors=True)
+        raise
     finally:
         shutil.rmtree(tmp, ignore_errors=True)

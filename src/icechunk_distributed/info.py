@@ -1,4 +1,4 @@
-"""What a repository holds, for a person: branches, recent commits, arrays, unfinished runs.
+"""What a repository holds, for a person: branches, commits, arrays, containers, runs.
 
 :func:`describe_repository` is what ``icechunk-distributed info REPO`` prints. It reads
 metadata only (array metadata, the first and last value of each index coordinate, the
@@ -18,6 +18,7 @@ import xarray as xr
 import zarr
 import zarr.errors
 
+from icechunk_distributed.containers import describe_store
 from icechunk_distributed.options import check_branch
 from icechunk_distributed.runs import PUBLISHED_TAG_PREFIX, RUN_BRANCH_PREFIX, list_runs
 
@@ -144,6 +145,18 @@ def _arrays(repo: Repository, branch: str) -> list[str]:
     return lines
 
 
+def _containers(repo: Repository) -> list[str]:
+    """The virtual chunk containers, one line each (none: no lines)."""
+    containers = repo.config.virtual_chunk_containers or {}
+    if not containers:
+        return []
+    lines = [f"virtual chunk containers ({len(containers)}):"]
+    width = max(map(len, containers))
+    for prefix in sorted(containers):
+        lines.append(f"  {prefix.ljust(width)}  {describe_store(containers[prefix].store)}")
+    return lines
+
+
 def _stored(repo: Repository) -> list[str]:
     stats = repo.chunk_storage_stats()
     native, inlined = int(stats.native_bytes), int(stats.inlined_bytes)
@@ -203,7 +216,8 @@ def describe_repository(
     str
         Several lines: branches (and tags), the last commits on ``branch`` (id, UTC time,
         message), every array with its dimensions, dtype, chunks and uncompressed size, the
-        range of each index coordinate, stored sizes, and unfinished resumable runs.
+        range of each index coordinate, the virtual chunk containers (if any), stored sizes,
+        and unfinished resumable runs.
 
     Raises
     ------
@@ -218,6 +232,7 @@ def describe_repository(
     if n_commits:
         lines += _commits(repo, branch, n_commits)
     lines += _arrays(repo, branch)
+    lines += _containers(repo)
     if stored_sizes:
         lines += _stored(repo)
     lines += _runs(repo)

@@ -14,11 +14,9 @@ from __future__ import annotations
 import os
 import time
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal
 
 import icechunk
-import numpy as np
 import xarray as xr
 
 from icechunk_distributed import options as opts
@@ -32,9 +30,8 @@ from icechunk_distributed.filemap import (
     split_append,
     task_variables,
 )
-from icechunk_distributed.planning import Region, format_region
+from icechunk_distributed.ingestplan import IngestMode, IngestPlan, IngestResult
 from icechunk_distributed.progress import Progress
-from icechunk_distributed.results import WriteResult
 from icechunk_distributed.runner import Backups
 from icechunk_distributed.runs import work_branch
 from icechunk_distributed.scan import FileSet, combine_headers, scan_files
@@ -59,138 +56,7 @@ if TYPE_CHECKING:
     from icechunk_distributed.session import DistributedSession
 
 __all__ = ["IngestPlan", "IngestResult", "ingest", "plan_ingest"]
-
-IngestMode = Literal["w-", "w", "a"]
 Paths = str | os.PathLike[str] | Sequence[str | os.PathLike[str]]
-
-
-@dataclass
-class IngestPlan:
-    """What :func:`ingest` would do: the files in order, what it skips, the regions.
-
-    Attributes
-    ----------
-    files : FileSet or None
-        The files to write, in concat order, with their offsets (None: nothing to write).
-    skipped : list of str
-        Files an append found in the store already.
-    template : xarray.Dataset or None
-        The dataset the files form (lazy where the tasks write).
-    regions : list of dict
-        One ``{concat_dim: slice}`` per task, in the template's coordinates.
-    loader : FileLoader, VirtualLoader or None
-        What each task runs to read its region (or, virtual, to parse its files).
-    mode : str
-        The write mode: ``"w-"``, ``"w"``, or ``"a"`` (appending along ``concat_dim``).
-    concat_dim : str
-        The dimension the files are concatenated along.
-    region_dims : tuple of str
-        ``(concat_dim,)``, or ``()`` when the arrays have one chunk along it (one task).
-    """
-
-    files: FileSet | None
-    skipped: list[str]
-    template: xr.Dataset | None
-    regions: list[Region]
-    loader: FileLoader | VirtualLoader | None
-    mode: IngestMode
-    concat_dim: str
-    region_dims: tuple[str, ...]
-
-    def files_of(self, region: Region) -> list[str]:
-        """The files the task for ``region`` opens."""
-        if self.loader is None:
-            return []
-        s = region.get(self.concat_dim, slice(0, sum(self.loader.lengths)))
-        return [path for path, _ in self.loader.parts(s.start, s.stop)]
-
-    def summary(self, *, tasks_shown: int = 5) -> str:
-        """A few lines for a person: files, skipped, variables, size, chunks, tasks."""
-        if self.files is None or self.template is None:
-            return f"nothing to write: all {len(self.skipped)} file(s) are in the store already"
-        dim, t = self.concat_dim, self.template
-        values = self.files.concat_values()
-        span = (
-            f" ({_label(values[0])} .. {_label(values[-1])})"
-            if values is not None and len(values)
-            else ""
-        )
-        variables = task_variables(t, dim)
-        nbytes = sum(int(t[n].nbytes) for n in variables)
-        kind = "referenced" if isinstance(self.loader, VirtualLoader) else "copied"
-        lines = [
-            f"{len(self.files.headers)} file(s) to write"
-            + (f", {len(self.skipped)} already in the store (skipped)" if self.skipped else "")
-            + f"; {'appending' if self.mode == 'a' else 'writing'} {self.files.size} {dim!r} "
-            f"steps{span}",
-            f"variables: {', '.join(variables)} ({nbytes / 1e6:.1f} MB, {kind})",
-            "chunks: "
-            + ", ".join(
-                f"{n} {dict(zip(t[n].dims, t[n].encoding.get('chunks', ()), strict=False))}"
-                for n in variables[:3]
-            ),
-            f"{len(self.regions)} task(s):",
-        ]
-        for region in self.regions[:tasks_shown]:
-            names = [os.path.basename(p.rstrip("/")) for p in self.files_of(region)]
-            shown = ", ".join(names[:3]) + (f" +{len(names) - 3}" if len(names) > 3 else "")
-            lines.append(f"  {format_region(region)}: {shown}")
-        if len(self.regions) > tasks_shown:
-            lines.append(f"  ... and {len(self.regions) - tasks_shown} more")
-        return "\n".join(lines)
-
-
-def _label(value: Any) -> str:
-    """A concat value for a person: times without trailing zero fractions."""
-    if isinstance(value, np.datetime64):
-        return str(np.datetime_as_string(value, unit="s")).replace("T00:00:00", "")
-    return str(value)
-
-
-@dataclass
-class IngestResult:
-    """What :func:`ingest` did.
-
-    Attributes
-    ----------
-    files : list of str
-        The files written, in concat order.
-    skipped : list of str
-        Files an append found in the store already (not written again).
-    write : WriteResult or None
-        The write (None when there was nothing to write).
-    seconds : float
-        Wall time of the whole call, the scan included.
-    scan_seconds : float
-        Of which reading the headers.
-    """
-
-    files: list[str]
-    skipped: list[str]
-    write: WriteResult | None
-    seconds: float
-    scan_seconds: float
-
-    @property
-    def snapshot_id(self) -> str | None:
-        """The commit (None if nothing was written or committed)."""
-        return None if self.write is None else self.write.snapshot_id
-
-    def summary(self) -> str:
-        """One screen for a person: files, regions, bytes, seconds, MB/s, commit, skipped."""
-        skipped = f"; skipped {len(self.skipped)} file(s) already in the store" * bool(self.skipped)
-        if self.write is None:
-            return f"nothing to write{skipped} ({self.seconds:.1f} s)"
-        w = self.write
-        mb = w.bytes_written / 1e6
-        rate = mb / self.seconds if self.seconds else 0.0
-        resumed = f", {w.n_resumed} resumed" if w.n_resumed else ""
-        commit = f"commit {w.snapshot_id} on {w.branch}" if w.snapshot_id else "not committed"
-        return (
-            f"ingested {len(self.files)} file(s): {w.n_regions} region(s){resumed}, "
-            f"{mb:.1f} MB in {self.seconds:.1f} s ({rate:.1f} MB/s; scan "
-            f"{self.scan_seconds:.1f} s) on {w.executor}\n{commit}{skipped}"
-        )
 
 
 def _check_args(concat_dim: object, mode: object, chunks: object) -> dict[str, int | None]:
@@ -345,7 +211,10 @@ def _virtual_plan(
     template, along, static = virtual_template(
         files, parser=virtual.parser, options=options, loadable=virtual.loadable
     )
-    loader = VirtualLoader.of(files, along, static, parser=virtual.parser, options=options)
+    loaded = [n for n in task_variables(template, dim) if n not in along]
+    loader = VirtualLoader.of(
+        files, along, static, parser=virtual.parser, options=options, loaded=loaded
+    )
     batches = file_batches(files, adapter.capabilities.parallelism)
     regions = plan_regions(
         loader,
@@ -509,6 +378,19 @@ def ingest(
 run_id, checkpoint_every, backups
         As in :func:`~icechunk_distributed.run_region_writes`. With ``run_id`` an ingest
         that failed or was killed resumes where it stopped.
+    virtual : bool, default False
+        Reference the files' chunks (file, offset, length) instead of copying their data,
+        with VirtualiZarr (``pip install 'icechunk-distributed[virtual]'``). The repository
+        needs a virtual chunk container covering the files (checked first), and readers
+        need access to them. The files must share each array's dtype, chunk shape, codecs
+        and fill value, and every file but the last must hold whole chunks along
+        ``concat_dim``. See ``docs/virtual.md``.
+    parser : VirtualiZarr parser, optional
+        How to parse the files (``virtual=True``); ``virtualizarr.parsers.HDFParser()`` for
+        netCDF4/HDF5 by default. It must pickle, to reach other processes.
+    loadable_variables : sequence of str, optional
+        Variables to copy rather than reference (``virtual=True``); dimension coordinates
+        always are, as ``open_virtual_dataset`` loads them.
 
     Returns
     -------
@@ -563,7 +445,7 @@ run_id, checkpoint_every, backups
         )
         scanned = time.perf_counter() - t0
         if plan.files is None or plan.loader is None:
-            return IngestResult([], plan.skipped, None, time.perf_counter() - t0, scanned)
+            return IngestResult([], plan.skipped, None, time.perf_counter() - t0, scanned, virtual)
         n = len(plan.files.headers)
         result = run_region_writes(
             plan.loader,
@@ -577,7 +459,8 @@ run_id, checkpoint_every, backups
             region_dims=plan.region_dims,
             regions=plan.regions,
             encoding=encoding,
-            message=message or f"ingest {n} file(s) along {concat_dim!r}",
+            message=message
+            or f"{'reference' if virtual else 'ingest'} {n} file(s) along {concat_dim!r}",
             metadata=metadata,
             retries=retries,
             progress=progress,
@@ -585,4 +468,5 @@ run_id, checkpoint_every, backups
             checkpoint_every=checkpoint_every,
             backups=backups,
         )
-    return IngestResult(plan.files.paths, plan.skipped, result, time.perf_counter() - t0, scanned)
+    seconds = time.perf_counter() - t0
+    return IngestResult(plan.files.paths, plan.skipped, result, seconds, scanned, virtual)

@@ -11,13 +11,14 @@ from __future__ import annotations
 
 import os
 import shutil
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import icechunk
 
 if TYPE_CHECKING:
-    from icechunk import Repository, Storage
+    from icechunk import Repository, RepositoryConfig, Storage
 
 __all__ = [
     "LocationError",
@@ -135,7 +136,13 @@ def _local_state(location: str) -> str:
 
 
 def open_location(
-    location: str, s3: S3Options | None = None, *, create: bool, hint: str = ""
+    location: str,
+    s3: S3Options | None = None,
+    *,
+    create: bool,
+    hint: str = "",
+    config: RepositoryConfig | None = None,
+    authorize: Mapping[str, Any] | None = None,
 ) -> RepositoryTarget:
     """Open the repository at ``location``, or create one if nothing is there.
 
@@ -150,6 +157,11 @@ def open_location(
         prefix without a repository). Without it such a location gives ``repo=None``.
     hint : str
         Appended to the message of the error for an occupied local path.
+    config : icechunk.RepositoryConfig, optional
+        The configuration of a repository created here (saved with it); an existing
+        repository keeps its own.
+    authorize : mapping, optional
+        ``authorize_virtual_chunk_access`` of a repository created here.
 
     Returns
     -------
@@ -174,7 +186,11 @@ def open_location(
         return RepositoryTarget(location, icechunk.Repository.open(storage))
     if not create:
         return RepositoryTarget(location, None)
-    repo = icechunk.Repository.create(storage)
+    repo = icechunk.Repository.create(
+        storage,
+        config=config,
+        authorize_virtual_chunk_access=None if authorize is None else dict(authorize),
+    )
     return RepositoryTarget(location, repo, created=True, was_dir=state == "empty")
 
 

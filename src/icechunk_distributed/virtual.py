@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
@@ -105,7 +106,8 @@ def file_url(path: str) -> str:
     """The URL references name: ``file:///abs/path`` for a local path, a URL as it is."""
     if is_remote(path):
         return path
-    return Path(os.path.abspath(path)).as_uri()
+    # Not Path.as_uri(): obstore reads "%20" literally; icechunk parses either spelling.
+    return "file://" + Path(os.path.abspath(path)).as_posix()
 
 
 def _registry(url: str, options: SourceOptions | None) -> Any:
@@ -198,9 +200,10 @@ class VirtualHeaderReader:
             sizes,
             np.asarray(loaded[dim].values) if dim in loaded.indexes else None,
             {str(n): np.asarray(i) for n, i in loaded.indexes.items() if n != dim},
-            {
+            {  # coordinates along the dim: the coordinator writes them (loaded data
+                # variables along it are written by the tasks)
                 str(n): np.asarray(v.values)
-                for n, v in loaded.variables.items()
+                for n, v in loaded.coords.items()
                 if n != dim and dim in v.dims
             },
             tuple(sorted(str(n) for n in coord_names if n != dim)),
@@ -392,10 +395,21 @@ def virtual_template(
         chunks = tuple(int(c) for c in array.metadata.chunks)
         lazy = da.zeros(shape, dtype=array.dtype, chunks=chunks)
         data[name] = xr.Variable(dims, lazy, encoding={"chunks": chunks})
+    grid = _grid(files, along, arrays)
     coords: dict[str, xr.Variable] = {}
     for key, var in loaded.variables.items():
         name = str(key)
         if dim not in var.dims:
+            continue
+        if name in loaded.data_vars:
+            # Loaded, not referenced: tasks write its bytes, in chunks on the files' grid.
+            pairs = list(zip(var.dims, var.shape, strict=True))
+            chunks = tuple(grid if d == dim else int(n) for d, n in pairs)
+            shape = tuple(size if d == dim else int(n) for d, n in pairs)
+            lazy = da.zeros(shape, dtype=var.dtype, chunks=chunks)
+            data[name] = xr.Variable(
+                var.dims, lazy, var.attrs, encoding={**_loaded(var), "chunks": chunks}
+            )
             continue
         if name == dim:
             values = files.concat_values()
@@ -405,6 +419,7 @@ def virtual_template(
             )
         coords[str(name)] = xr.Variable(var.dims, values, var.attrs, encoding=_loaded(var))
     base = loaded.drop_vars([n for n in loaded.variables if dim in loaded[n].dims])
+    coords = {n: v for n, v in coords.items() if n not in data}
     for var in base.variables.values():
         var.encoding = _loaded(var)
     attrs = dict(store._group.metadata.attributes)
@@ -415,6 +430,20 @@ def virtual_template(
     ds = ds.assign({n: v for n, v in coords.items() if n not in ds.variables})
     ds.attrs = attrs
     return ds, along, static
+
+
+def _grid(files: FileSet, along: Sequence[str], arrays: Mapping[str, Any]) -> int:
+    """A chunk length along the concat dim that every file boundary falls on.
+
+    The referenced arrays' chunks (:func:`check_grid` put every boundary on them), else the
+    files' lengths.
+    """
+    dim = files.concat_dim
+    sizes = [
+        int(arrays[n].metadata.chunks[files.headers[0].variables[n].dims.index(dim)]) for n in along
+    ]
+    sizes = sizes or [h.sizes[dim] for h in files.headers[:-1]] or [files.size]
+    return math.gcd(*sizes)
 
 
 def _loaded(var: xr.Variable) -> dict[str, Any]:
@@ -441,6 +470,7 @@ class VirtualLoader:
     parser: Any
     options: SourceOptions | None
     checksum: datetime
+    loaded: tuple[str, ...] = ()
 
     @classmethod
     def of(
@@ -451,8 +481,9 @@ class VirtualLoader:
         *,
         parser: Any,
         options: SourceOptions | None,
+        loaded: Sequence[str] = (),
     ) -> VirtualLoader:
-        """The loader of ``files``' virtual ``variables``."""
+        """The loader of ``files``' virtual ``variables`` (and ``loaded`` ones, as bytes)."""
         # Icechunk refuses to read a reference whose file changed after this time. A second
         # later than now, as VirtualiZarr does: file systems keep finer times than icechunk.
         checksum = datetime.now(UTC) + timedelta(seconds=1)
@@ -466,6 +497,7 @@ class VirtualLoader:
             parser,
             options,
             checksum,
+            tuple(loaded),
         )
 
     @property
@@ -496,13 +528,20 @@ class VirtualLoader:
         s = region.get(dim, slice(0, sum(self.lengths)))
         parts: dict[str, list[Any]] = {n: [] for n in self.variables}
         dims: dict[str, tuple[str, ...]] = {}
+        values: list[xr.Dataset] = []
         for i in self.files_in(s.start, s.stop):
-            arrays = _arrays(_parse(self.urls[i], self.parser, self.options))
+            store = _parse(self.urls[i], self.parser, self.options)
+            arrays = _arrays(store)
             for name in self.variables:
                 var = arrays[name].to_virtual_variable()
                 dims[name] = tuple(str(d) for d in var.dims)
                 parts[name].append(var.data)
+            if self.loaded:
+                values.append(_open_loaded(store, self.loaded, arrays)[list(self.loaded)])
         out = {}
+        if values:
+            merged = xr.concat(values, dim=dim, data_vars="all", coords="minimal", join="override")
+            out.update({str(n): v.variable for n, v in merged.data_vars.items()})
         for name, found in parts.items():
             axis = dims[name].index(dim)
             data = found[0] if len(found) == 1 else np.concatenate(found, axis=axis)
