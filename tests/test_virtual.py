@@ -471,3 +471,14 @@ def test_a_directory_with_a_space_in_its_name(tmp_path):
     repo = virtual_repo(tmp_path / "repo", src)
     ingest_virtual(str(src / "*.nc"), repo)
     xr.testing.assert_identical(read_virtual(tmp_path / "repo", src), mfdataset(paths))
+
+
+def test_references_appended_to_a_copied_dataset_are_refused(tmp_path):
+    src = tmp_path / "src"
+    src.mkdir()
+    repo = virtual_repo(tmp_path / "repo", src)
+    icd.ingest(chunked(src, range(2)), repo, concat_dim="time", progress=False)
+    before = history(repo)
+    with pytest.raises(TemplateMismatchError, match=r"another layout than the stored array"):
+        ingest_virtual(chunked(src, [2]), repo, mode="a")
+    assert history(repo) == before

@@ -208,7 +208,13 @@ def scan_files(
         raise FileNotFoundError(f"{len(missing)} file(s) do not exist: {short_list(missing)}")
     headers: dict[int, FileHeader] = {}
 
+    shared: dict[str, str] = {}
+
     def keep(i: int, header: FileHeader, attempts: int) -> None:
+        # Every file's layouts are equal strings in the usual case: keep one copy of each,
+        # so that the coordinator's memory grows by the headers' values only.
+        for name, text in header.layouts.items():
+            header.layouts[name] = shared.setdefault(text, text)
         headers[i] = header
 
     with (
