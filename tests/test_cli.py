@@ -244,7 +244,7 @@ def test_append_twice_like_a_daily_cron(data, tmp_path, capsys):
     assert code == 0, err
     assert "nothing to write; skipped 3 file(s)" in out
     assert_same_as_mfdataset(tmp_path / "repo", data)
-    repo = icechunk.Repository.open(icechunk.local_filesystem_storage("repo"))
+    repo = icechunk.Repository.open(icechunk.local_filesystem_storage(str(tmp_path / "repo")))
     assert len(list(repo.ancestry(branch="main"))) == 3  # the third run committed nothing
 
 
@@ -495,7 +495,7 @@ def test_virtual_ingest_into_a_new_repository(data, tmp_path, capsys):
     back = read_virtual(tmp_path / "repo", [prefix])
     with xr.open_mfdataset(data, engine="h5netcdf", combine="by_coords") as expected:
         xr.testing.assert_identical(back, expected.load())  # pr is int16-packed in the files
-    repo = icechunk.Repository.open(icechunk.local_filesystem_storage("repo"))
+    repo = icechunk.Repository.open(icechunk.local_filesystem_storage(str(tmp_path / "repo")))
     session = repo.readonly_session("main")
     kinds = [session.chunk_type(f"/{name}", [i, 0, 0]) for name in ("tas", "pr") for i in range(3)]
     assert kinds == [icechunk.ChunkType.virtual] * 6
@@ -622,7 +622,9 @@ def test_a_container_for_the_same_prefix_elsewhere_is_refused(data, tmp_path, ca
     config = icechunk.RepositoryConfig.default()
     elsewhere = icechunk.local_filesystem_store(str(tmp_path / "elsewhere"))
     config.set_virtual_chunk_container(icechunk.VirtualChunkContainer(prefix, elsewhere))
-    icechunk.Repository.create(icechunk.local_filesystem_storage("repo"), config=config)
+    icechunk.Repository.create(
+        icechunk.local_filesystem_storage(str(tmp_path / "repo")), config=config
+    )
     args = ("ingest", "data/*.nc", "repo", "--concat-dim", "time", "--virtual")
     code, out, err = cli(capsys, *args, "--executor", "threads")
     assert (code, out) == (2, "")
@@ -634,9 +636,9 @@ def test_a_container_for_the_same_prefix_elsewhere_is_refused(data, tmp_path, ca
     assert (
         len(
             list(
-                icechunk.Repository.open(icechunk.local_filesystem_storage("repo")).ancestry(
-                    branch="main"
-                )
+                icechunk.Repository.open(
+                    icechunk.local_filesystem_storage(str(tmp_path / "repo"))
+                ).ancestry(branch="main")
             )
         )
         == 1
@@ -648,7 +650,9 @@ def test_a_container_that_covers_the_sources_is_used(data, tmp_path, capsys):
     config = icechunk.RepositoryConfig.default()
     store = icechunk.local_filesystem_store(str(tmp_path.resolve()))
     config.set_virtual_chunk_container(icechunk.VirtualChunkContainer(wide, store))
-    icechunk.Repository.create(icechunk.local_filesystem_storage("repo"), config=config)
+    icechunk.Repository.create(
+        icechunk.local_filesystem_storage(str(tmp_path / "repo")), config=config
+    )
     args = ("ingest", "data/*.nc", "repo", "--concat-dim", "time", "--virtual")
     code, out, err = cli(capsys, *args, "--executor", "threads")
     assert code == 0, err
@@ -705,7 +709,7 @@ def test_virtual_s3_sources(tmp_path, s3_location, monkeypatch, capsys):
         access_key_id=s3.ACCESS_KEY_ID, secret_access_key=s3.SECRET_ACCESS_KEY
     )
     repo = icechunk.Repository.open(
-        icechunk.local_filesystem_storage("repo"),
+        icechunk.local_filesystem_storage(str(tmp_path / "repo")),
         authorize_virtual_chunk_access=icechunk.containers_credentials({prefix: credentials}),
     )
     back = xr.open_zarr(repo.readonly_session("main").store, consolidated=False).load()

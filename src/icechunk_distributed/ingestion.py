@@ -22,6 +22,7 @@ import xarray as xr
 from icechunk_distributed import options as opts
 from icechunk_distributed.adapters import open_adapter
 from icechunk_distributed.api import plan_regions, run_region_writes
+from icechunk_distributed.containers import check_containers
 from icechunk_distributed.errors import TemplateMismatchError
 from icechunk_distributed.filemap import (
     FileLoader,
@@ -41,7 +42,6 @@ from icechunk_distributed.virtual import (
     VirtualHeaderReader,
     VirtualLoader,
     VirtualOptions,
-    check_containers,
     check_grid,
     check_virtual,
     check_virtual_append,

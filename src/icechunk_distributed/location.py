@@ -84,7 +84,9 @@ def storage_for(location: str, s3: S3Options | None = None) -> Storage:
     """
     scheme, _, rest = location.partition("://")
     if not is_url(location):
-        return icechunk.local_filesystem_storage(location)
+        # Absolute: icechunk caches storage clients by their configuration, so a relative
+        # path would keep meaning the directory it meant first, whatever the cwd is now.
+        return icechunk.local_filesystem_storage(os.path.abspath(location))
     if scheme != "s3":
         raise LocationError(f"{location}: a repository is a local directory or s3://bucket/prefix")
     bucket, _, prefix = rest.partition("/")

@@ -211,11 +211,7 @@ def scan_files(
     shared: dict[str, str] = {}
 
     def keep(i: int, header: FileHeader, attempts: int) -> None:
-        # Every file's layouts are equal strings in the usual case: keep one copy of each,
-        # so that the coordinator's memory grows by the headers' values only.
-        for name, text in header.layouts.items():
-            header.layouts[name] = shared.setdefault(text, text)
-        headers[i] = header
+        headers[i] = _share_layouts(header, shared)
 
     with (
         open_adapter(executor, workers=workers) as adapter,
@@ -240,6 +236,17 @@ def scan_files(
             f"{len(failed)} of {len(files)} file(s) could not be read:\n{lines}{more}"
         )
     return [headers[i] for i in range(len(files))]
+
+
+def _share_layouts(header: FileHeader, shared: dict[str, str]) -> FileHeader:
+    """``header`` with its layouts replaced by equal ones seen before.
+
+    Every file's layouts are equal strings in the usual case: one copy of each keeps the
+    coordinator's memory growing by the headers' values only.
+    """
+    for name, text in header.layouts.items():
+        header.layouts[name] = shared.setdefault(text, text)
+    return header
 
 
 @dataclass(frozen=True)

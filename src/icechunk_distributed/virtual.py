@@ -42,7 +42,6 @@ __all__ = [
     "VirtualHeaderReader",
     "VirtualLoader",
     "VirtualOptions",
-    "check_containers",
     "check_grid",
     "check_virtual",
     "check_virtual_append",
@@ -251,55 +250,6 @@ def check_grid(files: FileSet) -> None:
                 "one chunk grid: every file but the last must hold whole chunks. Ingest "
                 "these files with virtual=False (copying the data) instead"
             )
-
-
-def _config(target: Any) -> Any:
-    """The configuration of the repository behind a Repository, Session or DistributedSession."""
-    import icechunk
-
-    if isinstance(target, icechunk.Repository):
-        return target.config
-    session = getattr(target, "session", target)
-    return session.config
-
-
-def check_containers(target: Any, urls: Sequence[str]) -> None:
-    """Refuse files no virtual chunk container of the repository covers.
-
-    Raises
-    ------
-    ValueError
-        Naming the files and showing the configuration that would allow them.
-    """
-    containers = _config(target).virtual_chunk_containers or {}
-    prefixes = tuple(containers)
-    odd = [u for u in urls if not u.startswith(prefixes)] if prefixes else list(urls)
-    if not odd:
-        return
-    root = os.path.commonpath([os.path.dirname(u.split("://", 1)[1]) for u in odd])
-    scheme = odd[0].split("://", 1)[0]
-    prefix = f"{scheme}://{root.rstrip('/')}/"
-    local = scheme == "file"
-    store = (
-        f'icechunk.local_filesystem_store("{root}")' if local else 'icechunk.s3_store(region="...")'
-    )
-    access = (
-        f'{{"{prefix}": icechunk.credentials.LocalFileSystemAccess}}'
-        if local
-        else f'icechunk.containers_credentials({{"{prefix}": icechunk.s3_credentials(...)}})'
-    )
-    have = f"it has containers for {sorted(prefixes)}" if prefixes else "it has none"
-    raise ValueError(
-        f"the repository has no virtual chunk container for {len(odd)} file(s): "
-        f"{short_list(odd)} ({have}), so references to them could not be read. Add one to "
-        "its configuration and save it, then open it with access to the files:\n"
-        "  config = icechunk.RepositoryConfig.default()\n"
-        f'  config.set_virtual_chunk_container(icechunk.VirtualChunkContainer("{prefix}", '
-        f"{store}))\n"
-        f"  repo = icechunk.Repository.open(storage, config=config, "
-        f"authorize_virtual_chunk_access={access})\n"
-        "  repo.save_config()"
-    )
 
 
 def check_virtual_append(store: Any, group: str | None, files: FileSet) -> None:
