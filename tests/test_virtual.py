@@ -433,10 +433,15 @@ def test_pin_manifest_store_group_and_the_manifest_writer(tmp_path):
     from virtualizarr.manifests import ManifestArray
     from virtualizarr.writers.icechunk import write_manifest_to_icechunk
 
-    from icechunk_distributed.virtual import _arrays, _parse, default_parser, file_url
+    from icechunk_distributed.virtualscan import (
+        default_parser,
+        file_url,
+        manifest_arrays,
+        parse_file,
+    )
 
     (path,) = chunked(tmp_path, [0])
-    arrays = _arrays(_parse(file_url(path), default_parser(), None))
+    arrays = manifest_arrays(parse_file(file_url(path), default_parser(), None))
     assert isinstance(arrays["t2m"], ManifestArray) and arrays["t2m"].metadata.chunks == (2, 3)
     params = set(inspect.signature(write_manifest_to_icechunk).parameters)
     assert {"store", "group", "arr_name", "manifest", "chunk_index_offsets"} <= params

@@ -27,7 +27,7 @@ from icechunk_distributed.location import (
 )
 from icechunk_distributed.scan import short_list
 from icechunk_distributed.sources import expand_paths
-from icechunk_distributed.virtual import file_url
+from icechunk_distributed.virtualscan import file_url
 
 __all__ = [
     "Container",

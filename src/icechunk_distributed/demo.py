@@ -30,7 +30,7 @@ import xarray as xr
 from icechunk_distributed.api import run_region_writes
 from icechunk_distributed.info import format_bytes
 from icechunk_distributed.ingestion import IngestResult, ingest
-from icechunk_distributed.virtual import file_url
+from icechunk_distributed.virtualscan import file_url
 
 __all__ = [
     "DemoResult",

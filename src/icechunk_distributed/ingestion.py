@@ -35,19 +35,22 @@ from icechunk_distributed.ingestplan import IngestMode, IngestPlan, IngestResult
 from icechunk_distributed.progress import Progress
 from icechunk_distributed.runner import Backups
 from icechunk_distributed.runs import work_branch
-from icechunk_distributed.scan import FileSet, combine_headers, scan_files
+from icechunk_distributed.scan import FileHeader, FileSet, combine_headers, scan_files
 from icechunk_distributed.sources import SourceOptions, expand_paths
 from icechunk_distributed.template import Mode
 from icechunk_distributed.virtual import (
-    VirtualHeaderReader,
     VirtualLoader,
     VirtualOptions,
-    check_grid,
     check_virtual,
     check_virtual_append,
     file_batches,
-    file_url,
     virtual_template,
+)
+from icechunk_distributed.virtualscan import (
+    VirtualHeaderReader,
+    check_grid,
+    file_url,
+    scan_virtual,
 )
 
 if TYPE_CHECKING:
@@ -124,22 +127,16 @@ def _make_plan(
     virtual: VirtualOptions | None = None,
 ) -> IngestPlan:
     listed = expand_paths(paths, options=options)
-    reader = None
+    scan = {"executor": adapter, "retries": retries, "progress": progress, "options": options}
+    reference = None
     if virtual is not None:
         reader = VirtualHeaderReader(concat_dim, virtual.parser, options, virtual.loadable)
-    headers = scan_files(
-        listed,
-        concat_dim,
-        executor=adapter,
-        engine=engine,
-        retries=retries,
-        progress=progress,
-        options=options,
-        reader=reader,
-    )
+        headers, reference = scan_virtual(listed, reader, scan)
+    else:
+        headers = scan_files(listed, concat_dim, engine=engine, **scan)
     files = combine_headers(headers, concat_dim, order=order, step=step)
-    if virtual is not None:
-        check_grid(files)
+    if reference is not None:
+        check_grid(files, reference)
         if target is not None:
             check_containers(target, [file_url(p) for p in files.paths])
     unknown = sorted(set(chunks) - set(files.headers[0].sizes))
@@ -159,9 +156,9 @@ def _make_plan(
         if not split.new:
             return IngestPlan(None, skipped, None, [], None, "a", concat_dim, (concat_dim,))
         files = combine_headers(split.new, concat_dim, order="given")
-    if virtual is not None:
+    if virtual is not None and reference is not None:
         return _virtual_plan(
-            files, skipped, target, adapter, virtual, write_mode, branch, group, options
+            files, reference, skipped, target, adapter, virtual, write_mode, branch, group, options
         )
     template = file_template(files, engine=engine, options=options, chunks=chunks)
     if stored is not None:
@@ -195,6 +192,7 @@ def _make_plan(
 
 def _virtual_plan(
     files: FileSet,
+    reference: FileHeader,
     skipped: list[str],
     target: object,
     adapter: Any,
@@ -207,9 +205,9 @@ def _virtual_plan(
     """The plan of a virtual ingest: whole files per task, references only."""
     dim = files.concat_dim
     if mode == "a" and target is not None:
-        check_virtual_append(_store_of(target, branch), group, files)
+        check_virtual_append(_store_of(target, branch), group, files, reference)
     template, along, static = virtual_template(
-        files, parser=virtual.parser, options=options, loadable=virtual.loadable
+        files, reference, parser=virtual.parser, options=options, loadable=virtual.loadable
     )
     loaded = [n for n in task_variables(template, dim) if n not in along]
     loader = VirtualLoader.of(

@@ -202,10 +202,7 @@ def scan_files(
     TemplateMismatchError
         A file could not be read on any attempt; the message names every such file.
     """
-    files = [os.fspath(p) for p in paths]
-    missing = [p for p in files if not is_remote(p) and not os.path.exists(p)]
-    if missing:
-        raise FileNotFoundError(f"{len(missing)} file(s) do not exist: {short_list(missing)}")
+    files = _existing([os.fspath(p) for p in paths])
     headers: dict[int, FileHeader] = {}
 
     shared: dict[str, str] = {}
@@ -236,6 +233,14 @@ def scan_files(
             f"{len(failed)} of {len(files)} file(s) could not be read:\n{lines}{more}"
         )
     return [headers[i] for i in range(len(files))]
+
+
+def _existing(files: list[str]) -> list[str]:
+    """``files``, once every local one is known to exist (checked before anything runs)."""
+    missing = [p for p in files if not is_remote(p) and not os.path.exists(p)]
+    if missing:
+        raise FileNotFoundError(f"{len(missing)} file(s) do not exist: {short_list(missing)}")
+    return files
 
 
 def _share_layouts(header: FileHeader, shared: dict[str, str]) -> FileHeader:

@@ -25,7 +25,14 @@ from typing import Any
 
 import xarray as xr
 
-__all__ = ["SourceOptions", "expand_paths", "guess_engine", "is_remote", "open_source"]
+__all__ = [
+    "SourceOptions",
+    "expand_paths",
+    "guess_engine",
+    "is_remote",
+    "open_binary",
+    "open_source",
+]
 
 _ZARR_SUFFIXES = (".zarr", ".zarr/")
 _CLIENT_KEYS = frozenset({"allow_http", "timeout", "connect_timeout", "allow_invalid_certificates"})
@@ -210,20 +217,28 @@ def open_source(
         with ds:
             yield ds
         return
+    if is_remote(path):
+        engine = engine or "h5netcdf"
+    with (
+        open_binary(path, options) as handle,
+        xr.open_dataset(handle, engine=engine, chunks=chunks, drop_variables=drop) as ds,
+    ):
+        yield ds
+
+
+@contextmanager
+def open_binary(path: str, options: SourceOptions | None = None) -> Iterator[Any]:
+    """A local path as it is, or an ``s3://`` object as a seekable binary file (for h5py)."""
     if not is_remote(path):
-        with xr.open_dataset(path, engine=engine, chunks=chunks, drop_variables=drop) as ds:
-            yield ds
+        yield path
         return
     import obstore
 
     bucket, key = _split(path)
-    root = options.store(f"{path.split('://', 1)[0]}://{bucket}")
-    handle: Any = _Reader(obstore.open_reader(root, key))
+    root = (options or SourceOptions()).store(f"{path.split('://', 1)[0]}://{bucket}")
+    handle = _Reader(obstore.open_reader(root, key))
     try:
-        with xr.open_dataset(
-            handle, engine=engine or "h5netcdf", chunks=chunks, drop_variables=drop
-        ) as ds:
-            yield ds
+        yield handle
     finally:
         handle.close()
 

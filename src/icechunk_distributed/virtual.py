@@ -19,19 +19,25 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-import os
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 import xarray as xr
 
 from icechunk_distributed.errors import TemplateMismatchError
-from icechunk_distributed.scan import FileHeader, FileSet, VariableHeader, short_list
-from icechunk_distributed.sources import SourceOptions, is_remote
+from icechunk_distributed.scan import FileHeader, FileSet
+from icechunk_distributed.sources import SourceOptions
+from icechunk_distributed.virtualscan import (
+    default_parser,
+    file_url,
+    load_arrays,
+    loaded_names,
+    manifest_arrays,
+    parse_file,
+)
 
 # Whole files per task: enough tasks to balance the workers and retry little, few enough that
 # the per-task cost (a fork shipped home and merged) stays small next to parsing.
@@ -39,28 +45,13 @@ _TASKS_PER_WORKER = 4
 _MAX_FILES_PER_TASK = 64
 
 __all__ = [
-    "VirtualHeaderReader",
     "VirtualLoader",
     "VirtualOptions",
-    "check_grid",
     "check_virtual",
     "check_virtual_append",
-    "default_parser",
     "file_batches",
-    "file_url",
     "virtual_template",
 ]
-
-
-def default_parser() -> Any:
-    """VirtualiZarr's HDF5/netCDF4 parser."""
-    try:
-        from virtualizarr.parsers import HDFParser
-    except ImportError as exc:  # pragma: no cover - depends on the installation
-        raise ImportError(
-            "virtual ingest needs VirtualiZarr: pip install 'icechunk-distributed[virtual]'"
-        ) from exc
-    return HDFParser()
 
 
 @dataclass(frozen=True)
@@ -101,158 +92,9 @@ def check_virtual(
     return VirtualOptions(parser if parser is not None else default_parser(), tuple(loadable))
 
 
-def file_url(path: str) -> str:
-    """The URL references name: ``file:///abs/path`` for a local path, a URL as it is."""
-    if is_remote(path):
-        return path
-    # Not Path.as_uri(): obstore reads "%20" literally; icechunk parses either spelling.
-    return "file://" + Path(os.path.abspath(path)).as_posix()
-
-
-def _registry(url: str, options: SourceOptions | None) -> Any:
-    """An obstore registry that resolves ``url`` (local files, or its bucket)."""
-    from obspec_utils.registry import ObjectStoreRegistry
-
-    if url.startswith("file://"):
-        from obstore.store import LocalStore
-
-        return ObjectStoreRegistry({"file://": LocalStore()})
-    scheme, rest = url.split("://", 1)
-    root = f"{scheme}://{rest.split('/', 1)[0]}"
-    return ObjectStoreRegistry({root: (options or SourceOptions()).store(root)})
-
-
-def _parse(url: str, parser: Any, options: SourceOptions | None) -> Any:
-    """The parser's ``ManifestStore`` of one file."""
-    return parser(url=url, registry=_registry(url, options))
-
-
-def _arrays(store: Any) -> dict[str, Any]:
-    """The ``ManifestArray`` of every array at the root of a ``ManifestStore``.
-
-    ``ManifestStore`` has no public accessor for its group; VirtualiZarr itself reads
-    ``_group`` (``tests/test_virtual.py`` pins it). Going through xarray instead costs a
-    ``Dataset`` per file in every task.
-    """
-    return dict(store._group.arrays)
-
-
-def layout(array: Any) -> str:
-    """What must agree across files for one virtual array: all metadata but its shape."""
-    meta = dataclasses.replace(array.metadata, attributes={}).to_dict()
-    meta.pop("shape", None)
-    return json.dumps(meta, sort_keys=True, default=str)
-
-
-def _coordinates(arrays: Mapping[str, Any], loadable: Iterable[str]) -> list[str]:
-    """The arrays to load: dimension coordinates (as xarray loads them) and ``loadable``."""
-    dims = {d for a in arrays.values() for d in (a.metadata.dimension_names or ())}
-    return sorted({n for n in arrays if n in dims} | (set(loadable) & set(arrays)))
-
-
-def _open_loaded(store: Any, names: Sequence[str], arrays: Mapping[str, Any]) -> xr.Dataset:
-    """``names`` decoded by xarray from a ``ManifestStore`` (the others are not opened)."""
-    drop = [n for n in arrays if n not in names]
-    with xr.open_zarr(
-        store, consolidated=False, zarr_format=3, chunks=None, drop_variables=drop
-    ) as ds:
-        loaded: xr.Dataset = ds.load()
-    return loaded
-
-
-@dataclass(frozen=True)
-class VirtualHeaderReader:
-    """Reads one file's header in a task: parsed once, coordinates loaded, layouts noted.
-
-    Picklable (the parser is a plain object), so it ships to any engine.
-    """
-
-    concat_dim: str
-    parser: Any
-    options: SourceOptions | None = None
-    loadable: tuple[str, ...] = ()
-
-    def __call__(self, path: str) -> FileHeader:
-        """The header of ``path``: as the byte scan's, with each virtual array's layout."""
-        dim = self.concat_dim
-        store = _parse(file_url(path), self.parser, self.options)
-        arrays = _arrays(store)
-        loaded_names = _coordinates(arrays, self.loadable)
-        loaded = _open_loaded(store, loaded_names, arrays)
-        variables: dict[str, VariableHeader] = {}
-        sizes: dict[str, int] = {}
-        layouts: dict[str, str] = {}
-        for name, array in arrays.items():
-            dims = tuple(str(d) for d in (array.metadata.dimension_names or ()))
-            sizes.update(zip(dims, map(int, array.shape), strict=True))
-            if name in loaded.variables:
-                dtype = str(loaded[name].dtype)
-            else:
-                dtype = str(array.dtype)
-                layouts[name] = layout(array)
-            if name != dim:
-                variables[name] = VariableHeader(dims, dtype, dict(array.metadata.attributes))
-        coord_names = set(loaded.coords) | _named_coordinates(arrays)
-        return FileHeader(
-            str(path),
-            variables,
-            sizes,
-            np.asarray(loaded[dim].values) if dim in loaded.indexes else None,
-            {str(n): np.asarray(i) for n, i in loaded.indexes.items() if n != dim},
-            {  # coordinates along the dim: the coordinator writes them (loaded data
-                # variables along it are written by the tasks)
-                str(n): np.asarray(v.values)
-                for n, v in loaded.coords.items()
-                if n != dim and dim in v.dims
-            },
-            tuple(sorted(str(n) for n in coord_names if n != dim)),
-            layouts,
-        )
-
-
-def _named_coordinates(arrays: Mapping[str, Any]) -> set[str]:
-    """Arrays that a ``coordinates`` attribute names (CF's non-index coordinates)."""
-    out: set[str] = set()
-    for array in arrays.values():
-        names = array.metadata.attributes.get("coordinates")
-        if isinstance(names, str):
-            out.update(n for n in names.split() if n in arrays)
-    return out
-
-
-def check_grid(files: FileSet) -> None:
-    """Every file but the last holds whole chunks of every virtual array along the dim.
-
-    A virtual array has one chunk grid; a file that ends inside a chunk would put the next
-    file's first chunk off the grid.
-
-    Raises
-    ------
-    TemplateMismatchError
-        Naming the files, their lengths and the chunk size.
-    """
-    dim = files.concat_dim
-    first = files.headers[0]
-    sizes = {
-        n: json.loads(lay)["chunk_grid"]["configuration"]["chunk_shape"][
-            first.variables[n].dims.index(dim)
-        ]
-        for n, lay in first.layouts.items()
-        if n in first.variables and dim in first.variables[n].dims
-    }
-    for name, size in sizes.items():
-        odd = [h.path for h in files.headers[:-1] if h.sizes[dim] % size]
-        if odd:
-            n = files.headers[[h.path for h in files.headers].index(odd[0])].sizes[dim]
-            raise TemplateMismatchError(
-                f"{len(odd)} file(s) end inside a chunk of {name!r} ({size} {dim!r} steps per "
-                f"chunk): {short_list(odd)} ({odd[0]} has {n} steps). A virtual dataset has "
-                "one chunk grid: every file but the last must hold whole chunks. Ingest "
-                "these files with virtual=False (copying the data) instead"
-            )
-
-
-def check_virtual_append(store: Any, group: str | None, files: FileSet) -> None:
+def check_virtual_append(
+    store: Any, group: str | None, files: FileSet, reference: FileHeader
+) -> None:
     """New files must extend the stored arrays: same layout, and on the stored chunk grid.
 
     Raises
@@ -265,7 +107,7 @@ def check_virtual_append(store: Any, group: str | None, files: FileSet) -> None:
 
     dim, first = files.concat_dim, files.headers[0]
     node = zarr.open_group(store, path=group or "", mode="r", zarr_format=3)
-    for name, want in first.layouts.items():
+    for name, want in reference.layouts.items():
         if name not in node:
             raise TemplateMismatchError(
                 f"{first.path} references {name!r}, which the store does not have"
@@ -282,7 +124,7 @@ def check_virtual_append(store: Any, group: str | None, files: FileSet) -> None:
                 f"than the stored array (dtype, chunks, codecs or fill value): "
                 f"{_layout_diff(have, json.loads(want))}. Ingest them into a new dataset"
             )
-        dims = first.variables[name].dims
+        dims = reference.variables[name].dims
         if dim in dims:
             axis = dims.index(dim)
             if array.shape[axis] % array.chunks[axis]:
@@ -312,6 +154,7 @@ def file_batches(files: FileSet, parallelism: int | None) -> list[dict[str, slic
 
 def virtual_template(
     files: FileSet,
+    reference: FileHeader,
     *,
     parser: Any,
     options: SourceOptions | None,
@@ -331,12 +174,12 @@ def virtual_template(
 
     dim, size = files.concat_dim, files.size
     first = files.headers[0]
-    store = _parse(file_url(first.path), parser, options)
-    arrays = _arrays(store)
-    names = _coordinates(arrays, loadable)
-    loaded = _open_loaded(store, names, arrays)
-    along = sorted(n for n in first.layouts if dim in first.variables[n].dims)
-    static = sorted(n for n in first.layouts if n not in along)
+    store = parse_file(file_url(first.path), parser, options)
+    arrays = manifest_arrays(store)
+    names = loaded_names(arrays, loadable)
+    loaded = load_arrays(store, names, arrays)
+    along = sorted(n for n in reference.layouts if dim in reference.variables[n].dims)
+    static = sorted(n for n in reference.layouts if n not in along)
     data: dict[str, xr.Variable] = {}
     for name in along:
         array = arrays[name]
@@ -480,14 +323,14 @@ class VirtualLoader:
         dims: dict[str, tuple[str, ...]] = {}
         values: list[xr.Dataset] = []
         for i in self.files_in(s.start, s.stop):
-            store = _parse(self.urls[i], self.parser, self.options)
-            arrays = _arrays(store)
+            store = parse_file(self.urls[i], self.parser, self.options)
+            arrays = manifest_arrays(store)
             for name in self.variables:
                 var = arrays[name].to_virtual_variable()
                 dims[name] = tuple(str(d) for d in var.dims)
                 parts[name].append(var.data)
             if self.loaded:
-                values.append(_open_loaded(store, self.loaded, arrays)[list(self.loaded)])
+                values.append(load_arrays(store, self.loaded, arrays)[list(self.loaded)])
         out = {}
         if values:
             merged = xr.concat(values, dim=dim, data_vars="all", coords="minimal", join="override")
@@ -516,7 +359,7 @@ class VirtualLoader:
         from virtualizarr.manifests import ChunkManifest, ManifestArray
         from virtualizarr.manifests.utils import copy_and_replace_metadata
 
-        arrays = _arrays(_parse(self.urls[0], self.parser, self.options))
+        arrays = manifest_arrays(parse_file(self.urls[0], self.parser, self.options))
         node = zarr.open_group(store, path=group or "", mode="a", zarr_format=3)
         virtual: dict[str, xr.Variable] = {}
         for name in self.virtual_variables:
