@@ -14,6 +14,7 @@ import pickle
 
 import icechunk
 import numpy as np
+import pandas as pd
 import pytest
 import xarray as xr
 import zarr
@@ -487,3 +488,162 @@ def test_references_appended_to_a_copied_dataset_are_refused(tmp_path):
     with pytest.raises(TemplateMismatchError, match=r"another layout than the stored array"):
         ingest_virtual(chunked(src, [2]), repo, mode="a")
     assert history(repo) == before
+
+
+# -- found in review: each was a wrong commit or a late, confusing failure
+
+
+def _packed_day(src, i: int, scale: float, offset: float = 0.0) -> str:
+    ds = day(i)
+    path = src / f"d{i:02d}.nc"
+    enc = {
+        "dtype": "int16",
+        "scale_factor": np.float32(scale),
+        "add_offset": np.float32(offset),
+        "_FillValue": np.int16(-32767),
+    }
+    ds.to_netcdf(path, engine="h5netcdf", encoding={"t2m": enc, "rain": {"chunksizes": (2, 3)}})
+    return str(path)
+
+
+def test_a_single_file_one_chunk_long_is_referenced(tmp_path):
+    src = tmp_path / "src"
+    src.mkdir()
+    paths = chunked(src, [0], chunks=4)  # one chunk along time: one task writes it
+    repo = virtual_repo(tmp_path / "repo", src)
+    result = ingest_virtual(paths, repo, mode="a")
+    assert result.write is not None and result.write.n_chunks == 2
+    xr.testing.assert_identical(read_virtual(tmp_path / "repo", src), mfdataset(paths))
+    later = chunked(src, [1, 2], chunks=4)
+    ingest_virtual(paths + later, repo, mode="a")
+    xr.testing.assert_identical(read_virtual(tmp_path / "repo", src), mfdataset(paths + later))
+    assert chunk_types(repo, "t2m") == {"virtual"}
+
+
+def test_files_packed_with_other_scale_factors_are_refused(tmp_path):
+    src = tmp_path / "src"
+    src.mkdir()
+    paths = [_packed_day(src, i, 0.01 * (i + 1)) for i in range(3)]
+    repo = virtual_repo(tmp_path / "repo", src)
+    with pytest.raises(
+        TemplateMismatchError, match=r"d01.nc decodes 't2m' with other scale_factor"
+    ):
+        ingest_virtual(paths, repo)
+    # Copying the variable decodes each file with its own attributes.
+    ingest_virtual(paths, repo, loadable_variables=["t2m"])
+    got = read_virtual(tmp_path / "repo", src)
+    np.testing.assert_allclose(got.t2m.values, mfdataset(paths).t2m.values, rtol=1e-6)
+
+
+def test_an_append_packed_otherwise_than_the_store_is_refused(tmp_path):
+    src = tmp_path / "src"
+    src.mkdir()
+    repo = virtual_repo(tmp_path / "repo", src)
+    ingest_virtual([_packed_day(src, i, 0.01) for i in range(2)], repo)
+    before = history(repo)
+    with pytest.raises(TemplateMismatchError, match=r"'t2m'.*decoded with other attributes"):
+        ingest_virtual([_packed_day(src, 2, 0.02)], repo, mode="a")
+    assert history(repo) == before
+
+
+def test_an_append_whose_times_the_stored_units_would_round_is_refused(tmp_path):
+    src = tmp_path / "src"
+    src.mkdir()
+    repo = virtual_repo(tmp_path / "repo", src)
+    first = []
+    for i in range(2):  # daily steps, stored in whole days
+        ds = day(i, n=2).assign_coords(
+            time=pd.date_range("2026-01-01", periods=2) + pd.Timedelta(days=2 * i)
+        )
+        path = src / f"a{i}.nc"
+        ds.to_netcdf(path, engine="h5netcdf", encoding={
+            "time": {"units": "days since 2000-01-01", "dtype": "int32"},
+            "t2m": {"chunksizes": (2, 3)}, "rain": {"chunksizes": (2, 3)}})  # fmt: skip
+        first.append(str(path))
+    ingest_virtual(first, repo)
+    before = history(repo)
+    later = chunked(src, [10])  # 6-hourly steps
+    with pytest.raises(TemplateMismatchError, match=r"cannot be stored exactly"):
+        ingest_virtual(later, repo, mode="a")
+    assert history(repo) == before
+
+
+def test_an_append_without_a_stored_variable_is_refused_before_writing(tmp_path):
+    src = tmp_path / "src"
+    src.mkdir()
+    repo = virtual_repo(tmp_path / "repo", src)
+    ingest_virtual(chunked(src, range(2)), repo)
+    before = history(repo)
+    ds = day(2).drop_vars("rain")
+    path = src / "d02.nc"
+    ds.to_netcdf(path, engine="h5netcdf", encoding={"t2m": {"chunksizes": (2, 3)}})
+    session = icd.writable_session(repo)
+    with pytest.raises(TemplateMismatchError, match=r"missing \['rain'\]"):
+        ingest_virtual([str(path)], session, mode="a")
+    assert not session.has_uncommitted_changes and history(repo) == before
+
+
+def test_a_static_loadable_variable_is_copied_from_the_first_file(tmp_path):
+    src = tmp_path / "src"
+    src.mkdir()
+    paths = []
+    for i in range(3):
+        d = day(i)
+        d["mask"] = (("y",), np.arange(3, dtype="f4") + i)
+        path = src / f"d{i:02d}.nc"
+        d.to_netcdf(
+            path, engine="h5netcdf", encoding={v: {"chunksizes": (2, 3)} for v in ("t2m", "rain")}
+        )
+        paths.append(str(path))
+    repo = virtual_repo(tmp_path / "repo", src)
+    ingest_virtual(paths, repo, loadable_variables=["mask"])
+    got = read_virtual(tmp_path / "repo", src)
+    assert got["mask"].values.tolist() == [0.0, 1.0, 2.0]
+    assert "virtual" not in chunk_types(repo, "mask")
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"encoding": {"t2m": {"chunks": (4, 3)}}}, r"encoding= names referenced arrays \['t2m'\]"),
+        ({"task_size": 2}, "task_size= does not apply to a virtual ingest"),
+        ({"loadable_variables": ["nosuch"]}, r"variables the files do not have: \['nosuch'\]"),
+    ],
+)
+def test_options_a_virtual_ingest_cannot_honour_are_refused(tmp_path, kwargs, match):
+    src = tmp_path / "src"
+    src.mkdir()
+    repo = virtual_repo(tmp_path / "repo", src)
+    before = history(repo)
+    with pytest.raises(ValueError, match=match):
+        ingest_virtual(chunked(src, range(2)), repo, **kwargs)
+    assert history(repo) == before
+
+
+@pytest.mark.parametrize("name", ["pct%41.nc", "hash#1.nc", "what?.nc"])
+def test_file_names_a_url_cannot_carry_are_refused(tmp_path, name):
+    src = tmp_path / "src"
+    src.mkdir()
+    (path,) = chunked(src, [0])
+    odd = src / name
+    os.rename(path, odd)
+    repo = virtual_repo(tmp_path / "repo", src)
+    with pytest.raises(ValueError, match=r"'%', '#' or '\?'.*virtual=False"):
+        ingest_virtual([str(odd)], repo)
+
+
+def test_sources_whose_only_common_directory_is_the_root_are_refused_clearly(tmp_path):
+    import shutil
+    import tempfile
+
+    from icechunk_distributed.containers import ContainerError, source_containers
+
+    if not os.path.isdir("/var/tmp") or str(tmp_path).startswith("/var/"):
+        pytest.skip("needs a second top-level directory for files")
+    elsewhere = tempfile.mkdtemp(dir="/var/tmp")
+    try:
+        paths = chunked(tmp_path, [0]) + chunked(elsewhere, [1])
+        with pytest.raises(ContainerError, match=r"only common directory is /.*separately"):
+            source_containers(paths)
+    finally:
+        shutil.rmtree(elsewhere)

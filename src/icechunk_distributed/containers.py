@@ -135,6 +135,12 @@ def check_virtual_flags(virtual: bool, chunks: object, engine: object, loadable:
 
 
 def _local(directory: str) -> Container:
+    if os.path.dirname(os.path.abspath(directory)) == os.path.abspath(directory):
+        raise ContainerError(
+            f"the sources' only common directory is {directory}: icechunk needs a container "
+            "below the root. Ingest the files of each directory tree separately (with "
+            "--append), or move them under one directory"
+        )
     uri = file_url(directory).rstrip("/") + "/"  # as the references name files
     return Container(
         uri,

@@ -281,13 +281,18 @@ class StoredDataset:
         concat = stored[concat_dim].variable
         return cls(np.asarray(concat.values), variables, along, concat)
 
-    def check_append(self, template: xr.Dataset, first: str) -> None:
+    def check_append(
+        self, template: xr.Dataset, first: str, *, referenced: Sequence[str] = ()
+    ) -> None:
         """Refuse new files whose variables, dims or dtypes are not the stored ones.
 
         ``to_zarr`` would cast a float64 file into a float32 store silently, or fail deep
         inside xarray on a missing variable; an ingest names the file instead.
+        ``referenced``: a virtual ingest's arrays, present whatever the template holds, whose
+        dtypes are compared by their layout instead (they are not decoded here).
         """
-        ours = {str(n): v for n, v in template.data_vars.items()}
+        ours: dict[str, xr.DataArray | None] = {str(n): v for n, v in template.data_vars.items()}
+        ours.update({n: None for n in referenced if n not in ours})
         missing = sorted(set(self.variables) - set(ours))
         extra = sorted(set(ours) - set(self.variables))
         dim = self.concat.dims[0] if self.concat is not None else None
@@ -305,6 +310,8 @@ class StoredDataset:
             )
         for name, (dims, dtype, packed) in self.variables.items():
             var = ours[name]
+            if var is None or name in referenced:
+                continue
             got = tuple(str(d) for d in var.dims)
             same = (
                 var.dtype == dtype

@@ -43,12 +43,16 @@ from icechunk_distributed.virtual import (
     VirtualOptions,
     check_virtual,
     check_virtual_append,
+    check_virtual_options,
     file_batches,
     virtual_template,
 )
 from icechunk_distributed.virtualscan import (
     VirtualHeaderReader,
+    check_decoding,
     check_grid,
+    check_loadable,
+    check_urls,
     file_url,
     scan_virtual,
 )
@@ -130,13 +134,16 @@ def _make_plan(
     scan = {"executor": adapter, "retries": retries, "progress": progress, "options": options}
     reference = None
     if virtual is not None:
+        check_urls(listed)
         reader = VirtualHeaderReader(concat_dim, virtual.parser, options, virtual.loadable)
         headers, reference = scan_virtual(listed, reader, scan)
     else:
         headers = scan_files(listed, concat_dim, engine=engine, **scan)
     files = combine_headers(headers, concat_dim, order=order, step=step)
     if reference is not None:
+        check_loadable(reference, virtual.loadable if virtual else ())
         check_grid(files, reference)
+        check_decoding(files)
         if target is not None:
             check_containers(target, [file_url(p) for p in files.paths])
     unknown = sorted(set(chunks) - set(files.headers[0].sizes))
@@ -158,7 +165,17 @@ def _make_plan(
         files = combine_headers(split.new, concat_dim, order="given")
     if virtual is not None and reference is not None:
         return _virtual_plan(
-            files, reference, skipped, target, adapter, virtual, write_mode, branch, group, options
+            files,
+            reference,
+            skipped,
+            stored,
+            target,
+            adapter,
+            virtual,
+            write_mode,
+            (branch, group),
+            options,
+            (task_size, encoding),
         )
     template = file_template(files, engine=engine, options=options, chunks=chunks)
     if stored is not None:
@@ -194,26 +211,38 @@ def _virtual_plan(
     files: FileSet,
     reference: FileHeader,
     skipped: list[str],
+    stored: StoredDataset | None,
     target: object,
     adapter: Any,
     virtual: VirtualOptions,
     mode: IngestMode,
-    branch: str,
-    group: str | None,
+    where: tuple[str, str | None],
     options: SourceOptions,
+    planning: tuple[int | str | None, Mapping[str, Mapping[str, Any]] | None],
 ) -> IngestPlan:
-    """The plan of a virtual ingest: whole files per task, references only."""
-    dim = files.concat_dim
-    if mode == "a" and target is not None:
+    """The plan of a virtual ingest: whole files per task, references only.
+
+    ``where`` is (branch, group); ``planning`` the ``task_size`` and ``encoding`` asked for.
+    """
+    (branch, group), dim = where, files.concat_dim
+    if stored is not None:
         check_virtual_append(_store_of(target, branch), group, files, reference)
     template, along, static = virtual_template(
         files, reference, parser=virtual.parser, options=options, loadable=virtual.loadable
     )
+    check_virtual_options(*planning, referenced=along + static)
+    if stored is not None:
+        stored.check_append(template, files.paths[0], referenced=along + static)
     loaded = [n for n in task_variables(template, dim) if n not in along]
     loader = VirtualLoader.of(
         files, along, static, parser=virtual.parser, options=options, loaded=loaded
     )
-    batches = file_batches(files, adapter.capabilities.parallelism)
+    # One chunk along the dim (a single file): one task writes it, as in a byte ingest.
+    names = task_variables(template, dim)
+    single = mode != "a" and all(
+        template[n].encoding["chunks"][template[n].dims.index(dim)] >= files.size for n in names
+    )
+    region_dims: tuple[str, ...] = () if single else (dim,)
     regions = plan_regions(
         loader,
         target,  # type: ignore[arg-type]
@@ -222,11 +251,11 @@ def _virtual_plan(
         group=group,
         mode=_zarr_mode(mode),
         append_dim=dim if mode == "a" else None,
-        region_dims=(dim,),
-        regions=batches,
+        region_dims=region_dims,
+        regions=None if single else file_batches(files, adapter.capabilities.parallelism),
         parallelism=adapter.capabilities.parallelism,
     )
-    return IngestPlan(files, skipped, template, regions, loader, mode, dim, (dim,))
+    return IngestPlan(files, skipped, template, regions, loader, mode, dim, region_dims)
 
 
 def _store_of(target: object, branch: str) -> Any:

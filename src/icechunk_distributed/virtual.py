@@ -31,6 +31,7 @@ from icechunk_distributed.errors import TemplateMismatchError
 from icechunk_distributed.scan import FileHeader, FileSet
 from icechunk_distributed.sources import SourceOptions
 from icechunk_distributed.virtualscan import (
+    decoding,
     default_parser,
     file_url,
     load_arrays,
@@ -49,6 +50,7 @@ __all__ = [
     "VirtualOptions",
     "check_virtual",
     "check_virtual_append",
+    "check_virtual_options",
     "file_batches",
     "virtual_template",
 ]
@@ -92,6 +94,32 @@ def check_virtual(
     return VirtualOptions(parser if parser is not None else default_parser(), tuple(loadable))
 
 
+def check_virtual_options(
+    task_size: int | str | None,
+    encoding: Mapping[str, Mapping[str, Any]] | None,
+    *,
+    referenced: Sequence[str],
+) -> None:
+    """Refuse what a virtual ingest cannot honour: task sizes, encodings of references.
+
+    Raises
+    ------
+    ValueError
+        ``task_size``, or an ``encoding`` for a referenced array.
+    """
+    if task_size is not None:
+        raise ValueError(
+            "task_size= does not apply to a virtual ingest: each task references whole "
+            "files (about four tasks per worker, at most 64 files each)"
+        )
+    odd = sorted(set(encoding or {}) & set(referenced))
+    if odd:
+        raise ValueError(
+            f"encoding= names referenced arrays {odd}: references keep the files' chunks and "
+            "codecs. Copy them instead (loadable_variables, or virtual=False)"
+        )
+
+
 def check_virtual_append(
     store: Any, group: str | None, files: FileSet, reference: FileHeader
 ) -> None:
@@ -123,6 +151,13 @@ def check_virtual_append(
                 f"{name!r} in the files to append ({first.path}, ...) has another layout "
                 f"than the stored array (dtype, chunks, codecs or fill value): "
                 f"{_layout_diff(have, json.loads(want))}. Ingest them into a new dataset"
+            )
+        theirs = decoding(reference.variables[name].attrs)
+        if decoding(dict(array.attrs)) != theirs:
+            raise TemplateMismatchError(
+                f"{name!r} in the files to append ({first.path}, ...) is decoded with other "
+                f"attributes than the stored array ({theirs} against "
+                f"{decoding(dict(array.attrs))}): its new values would be decoded wrongly"
             )
         dims = reference.variables[name].dims
         if dim in dims:
@@ -340,6 +375,14 @@ class VirtualLoader:
             data = found[0] if len(found) == 1 else np.concatenate(found, axis=axis)
             out[name] = xr.Variable(dims[name], data, encoding={"last_updated_at": self.checksum})
         return xr.Dataset(out)
+
+    def coordinator_variables(self, names: Sequence[str], region: dict[str, slice]) -> xr.Dataset:
+        """Loaded variables without the concat dim, from the first file.
+
+        As ``open_mfdataset`` takes them with ``compat="override"``.
+        """
+        store = parse_file(self.urls[0], self.parser, self.options)
+        return load_arrays(store, list(names), manifest_arrays(store))[list(names)]
 
     def write_virtual_metadata(
         self,

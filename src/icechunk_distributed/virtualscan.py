@@ -29,7 +29,11 @@ from icechunk_distributed.sources import SourceOptions, is_remote
 
 __all__ = [
     "VirtualHeaderReader",
+    "check_decoding",
     "check_grid",
+    "check_loadable",
+    "check_urls",
+    "decoding",
     "default_parser",
     "file_url",
     "layout",
@@ -240,6 +244,87 @@ def scan_virtual(
         slow = dataclasses.replace(reader, fast=False)
         headers = scan_files(paths, reader.concat_dim, reader=slow, **scan)
     return headers, reference
+
+
+def check_urls(paths: Sequence[str]) -> None:
+    """Refuse file names a reference cannot carry: a URL would read ``%``, ``#``, ``?``.
+
+    Icechunk decodes ``%41`` in a reference to ``A`` (another file); ``#`` and ``?`` end a
+    URL's path.
+
+    Raises
+    ------
+    ValueError
+        Naming the files.
+    """
+    odd = [p for p in paths if any(c in p.split("://", 1)[-1] for c in "%#?")]
+    if odd:
+        raise ValueError(
+            f"{len(odd)} file(s) have '%', '#' or '?' in their names, which a reference (a "
+            f"URL) cannot carry: {short_list(odd)}. Rename them, or ingest with virtual=False"
+        )
+
+
+def check_loadable(reference: FileHeader, loadable: Sequence[str]) -> None:
+    """Refuse ``loadable_variables`` the files do not have."""
+    unknown = sorted(set(loadable) - set(reference.variables) - set(reference.sizes))
+    if unknown:
+        raise ValueError(
+            f"loadable_variables names variables the files do not have: {unknown}; they have "
+            f"{sorted(reference.variables)}"
+        )
+
+
+# What CF decoding reads from a referenced array's attributes: files that differ in them
+# would be decoded with the first file's (the arrays keep one set of attributes).
+_DECODING = ("scale_factor", "add_offset", "_FillValue", "missing_value")
+
+
+def decoding(attrs: Mapping[str, Any]) -> dict[str, Any]:
+    """The attributes that decode an array's values, normalised for comparison.
+
+    ``units`` and ``calendar`` count for times (units with "since") only.
+    """
+    out: dict[str, Any] = {}
+    for key in _DECODING:
+        if key in attrs:
+            out[key] = _normal(attrs[key])
+    units = attrs.get("units")
+    if isinstance(units, str) and " since " in units:
+        out["units"] = units
+        out["calendar"] = attrs.get("calendar", "standard")
+    return out
+
+
+def _normal(value: Any) -> Any:
+    values = np.atleast_1d(np.asarray(value))
+    if values.dtype.kind in "biuf":
+        return tuple("nan" if np.isnan(v) else float(v) for v in values.astype("f8"))
+    return str(value)
+
+
+def check_decoding(files: FileSet) -> None:
+    """Every file decodes each referenced array alike (scale, offset, fill, time units).
+
+    Raises
+    ------
+    TemplateMismatchError
+        Naming the files, the array and the attribute.
+    """
+    first = files.headers[0]
+    for name in first.layouts:
+        want = decoding(first.variables[name].attrs) if name in first.variables else {}
+        for h in files.headers[1:]:
+            got = decoding(h.variables[name].attrs) if name in h.variables else {}
+            if got != want:
+                keys = sorted(k for k in set(want) | set(got) if want.get(k) != got.get(k))
+                raise TemplateMismatchError(
+                    f"{h.path} decodes {name!r} with other {', '.join(keys)} than "
+                    f"{first.path} ({got.get(keys[0])} instead of {want.get(keys[0])}): "
+                    "references keep one set of attributes per array, so its values would "
+                    f"be decoded wrongly. Pass loadable_variables=[{name!r}] to copy it, or "
+                    "ingest with virtual=False"
+                )
 
 
 def check_grid(files: FileSet, reference: FileHeader) -> None:
