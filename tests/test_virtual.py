@@ -163,9 +163,9 @@ def test_the_dry_run_plans_whole_files_and_writes_nothing(tmp_path):
 @pytest.mark.parametrize(
     ("odd", "match"),
     [
-        ({"compression": "gzip"}, r"codecs, chunks or fill values"),
-        ({"chunks": 4}, r"codecs, chunks or fill values"),
-        ({"dtype": "f8"}, r"dtypes"),
+        ({"compression": "gzip"}, r"'t2m' with another layout.*filters"),
+        ({"chunks": 4}, r"'rain' with another layout.*chunks: \[4, 3\] instead of \[2, 3\]"),
+        ({"dtype": "f8"}, r"'t2m' with another layout.*dtype: <f8 instead of <f4"),
     ],
 )
 def test_files_with_another_layout_are_refused_naming_them(tmp_path, odd, match):

@@ -51,6 +51,7 @@ from icechunk_distributed.virtualscan import (
     VirtualHeaderReader,
     check_decoding,
     check_grid,
+    check_layouts,
     check_loadable,
     check_urls,
     file_url,
@@ -88,11 +89,7 @@ def _check_args(concat_dim: object, mode: object, chunks: object) -> dict[str, i
 
 def _stored(target: object, branch: str, group: str | None, dim: str) -> StoredDataset | None:
     """The stored concat values and variables (None: no dataset to append to yet)."""
-    store: Any
-    if isinstance(target, icechunk.Repository):
-        store = target.readonly_session(branch).store
-    else:
-        store = getattr(target, "store", None)
+    store = _store_of(target, branch)
     try:
         stored = xr.open_zarr(store, group=group, consolidated=False, chunks=None)
     except (FileNotFoundError, KeyError, ValueError):
@@ -137,12 +134,12 @@ def _make_plan(
         check_urls(listed)
         reader = VirtualHeaderReader(concat_dim, virtual.parser, options, virtual.loadable)
         headers, reference = scan_virtual(listed, reader, scan)
+        check_layouts(headers)
     else:
         headers = scan_files(listed, concat_dim, engine=engine, **scan)
     files = combine_headers(headers, concat_dim, order=order, step=step)
     if reference is not None:
         check_loadable(reference, virtual.loadable if virtual else ())
-        check_grid(files, reference)
         check_decoding(files)
         if target is not None:
             check_containers(target, [file_url(p) for p in files.paths])
@@ -225,6 +222,7 @@ def _virtual_plan(
     ``where`` is (branch, group); ``planning`` the ``task_size`` and ``encoding`` asked for.
     """
     (branch, group), dim = where, files.concat_dim
+    check_grid(files, reference)  # the files to write: stored ones were checked when written
     if stored is not None:
         check_virtual_append(_store_of(target, branch), group, files, reference)
     template, along, static = virtual_template(
@@ -496,4 +494,7 @@ run_id, checkpoint_every, backups
             backups=backups,
         )
     seconds = time.perf_counter() - t0
-    return IngestResult(plan.files.paths, plan.skipped, result, seconds, scanned, virtual)
+    copied = plan.loader.loaded if isinstance(plan.loader, VirtualLoader) else ()
+    return IngestResult(
+        plan.files.paths, plan.skipped, result, seconds, scanned, virtual, tuple(copied)
+    )

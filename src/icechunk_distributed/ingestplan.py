@@ -73,7 +73,11 @@ class IngestPlan:
         )
         variables = task_variables(t, dim)
         nbytes = sum(int(t[n].nbytes) for n in variables)
-        kind = "referenced" if isinstance(self.loader, VirtualLoader) else "copied"
+        if isinstance(self.loader, VirtualLoader):
+            copied = set(self.loader.loaded)
+            kind = "referenced" + (f"; {', '.join(sorted(copied))} copied" if copied else "")
+        else:
+            kind = "copied"
         lines = [
             f"{len(self.files.headers)} file(s) to write"
             + (f", {len(self.skipped)} already in the store (skipped)" if self.skipped else "")
@@ -121,6 +125,9 @@ class IngestResult:
         Of which reading the headers.
     virtual : bool
         Whether the files were referenced (``virtual=True``) rather than copied.
+    copied : tuple of str
+        Of a virtual ingest, the variables copied rather than referenced along the concat
+        dim (``loadable_variables``).
     """
 
     files: list[str]
@@ -129,6 +136,7 @@ class IngestResult:
     seconds: float
     scan_seconds: float
     virtual: bool = False
+    copied: tuple[str, ...] = ()
 
     @property
     def snapshot_id(self) -> str | None:
@@ -146,7 +154,8 @@ class IngestResult:
         resumed = f", {w.n_resumed} resumed" if w.n_resumed else ""
         commit = f"commit {w.snapshot_id} on {w.branch}" if w.snapshot_id else "not committed"
         if self.virtual:  # no bytes copied: count the references instead
-            verb, amount = "referenced", f"{w.n_chunks} chunk reference(s)"
+            kind = "chunk(s), references and copies" if self.copied else "chunk reference(s)"
+            verb, amount = "referenced", f"{w.n_chunks} {kind}"
             speed = f"{len(self.files) / max(self.seconds, 1e-9):.0f} files/s"
         else:
             verb, amount, speed = "ingested", f"{mb:.1f} MB", f"{rate:.1f} MB/s"

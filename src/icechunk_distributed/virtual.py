@@ -1,13 +1,15 @@
 """Virtual ingest: files referenced from the repository, not copied into it.
 
-The same pipeline as a byte ingest, with a second kind of task. Every file is parsed by a
-VirtualiZarr parser on the executor (:class:`VirtualHeaderReader`): the coordinator learns
-the concat values and each array's layout (dtype, chunk shape, codecs, fill value), checks
-that the files form one chunk grid, and never sees a manifest. Each task then parses its
-files again and writes their chunk references (file, offset, length) into its own fork at the
-files' place (:class:`VirtualLoader`); the forks are merged with the usual checks and
-committed once. The coordinator writes what is materialised: the concat coordinate (from the
-headers), the other coordinates and the ``loadable_variables`` (from the first file).
+The same pipeline as a byte ingest, with a second kind of task. Every file's header is read
+on the executor (:mod:`~icechunk_distributed.virtualscan`): the coordinator learns the concat
+values and each array's layout (dtype, chunk shape, codecs, fill value), checks that the
+files form one chunk grid, and never sees a manifest. Each task then parses its files and
+writes their chunk references (file, offset, length) into its own fork at the files' place
+(:class:`VirtualLoader`), with the bytes of the ``loadable_variables`` along the concat dim;
+the forks are merged with the usual checks and committed once. The coordinator writes the
+other materialised variables: the dimension coordinates (the concat one from the headers)
+and the static ``loadable_variables`` (from the first file). Other coordinates are
+referenced, as ``open_virtual_dataset`` leaves them.
 
 The chunk-grid rule: a virtual array has one chunk grid, so every file but the last must
 hold a whole number of chunks along ``concat_dim``; a file ending inside a chunk is refused.
@@ -123,13 +125,14 @@ def check_virtual_options(
 def check_virtual_append(
     store: Any, group: str | None, files: FileSet, reference: FileHeader
 ) -> None:
-    """New files must extend the stored arrays: same layout, and on the stored chunk grid.
+    """New files must extend the stored arrays: same layout and decoding, on the chunk grid.
 
     Raises
     ------
     TemplateMismatchError
         An array the files reference is stored with another dtype, chunk shape, codecs or
-        fill value, or as bytes; or the stored length ends inside a chunk.
+        fill value (a dataset ingested as bytes usually is), or decoded with other scale,
+        offset, fill or time units; or the stored length ends inside a chunk.
     """
     import zarr
 

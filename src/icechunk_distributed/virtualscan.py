@@ -31,6 +31,7 @@ __all__ = [
     "VirtualHeaderReader",
     "check_decoding",
     "check_grid",
+    "check_layouts",
     "check_loadable",
     "check_urls",
     "decoding",
@@ -263,6 +264,35 @@ def check_urls(paths: Sequence[str]) -> None:
             f"{len(odd)} file(s) have '%', '#' or '?' in their names, which a reference (a "
             f"URL) cannot carry: {short_list(odd)}. Rename them, or ingest with virtual=False"
         )
+
+
+def check_layouts(headers: Sequence[FileHeader]) -> None:
+    """Every file stores each referenced array alike: dtype, chunks, codecs, fill value.
+
+    Raises
+    ------
+    TemplateMismatchError
+        Naming the first file that differs, the array and what differs.
+    """
+    first = headers[0]
+    for h in headers[1:]:
+        if h.layouts == first.layouts:
+            continue
+        for name in sorted(set(h.layouts) | set(first.layouts)):
+            want, got = first.layouts.get(name), h.layouts.get(name)
+            if want == got:
+                continue
+            a = json.loads(want) if want else {}
+            b = json.loads(got) if got else {}
+            keys = sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k))
+            shown = "; ".join(f"{k}: {b.get(k)} instead of {a.get(k)}" for k in keys)
+            odd = [x.path for x in headers if x.layouts.get(name) != want]
+            raise TemplateMismatchError(
+                f"{len(odd)} file(s) store {name!r} with another layout (dtype, chunks, codecs or "
+                f"fill value) than {first.path}: {short_list(odd)} ({shown or 'missing'}). "
+                "A virtual dataset has one layout per array: ingest with virtual=False "
+                "(copying re-encodes), or ingest the two kinds of files apart"
+            )
 
 
 def check_loadable(reference: FileHeader, loadable: Sequence[str]) -> None:
