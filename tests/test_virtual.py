@@ -8,6 +8,7 @@ with what VirtualiZarr's own ``open_virtual_mfdataset`` + ``vds.vz.to_icechunk``
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import os
 import pickle
@@ -647,3 +648,58 @@ def test_sources_whose_only_common_directory_is_the_root_are_refused_clearly(tmp
             source_containers(paths)
     finally:
         shutil.rmtree(elsewhere)
+
+
+# -- the fast header (h5py) against the parser's reading
+
+
+def _odd_files(src) -> list[str]:
+    """Files with what a header must get right: packing, static and 2-D coordinates."""
+    paths = []
+    for i in range(2):
+        d = day(i)
+        d["mask"] = (("y",), np.arange(3, dtype="f4"))
+        d = d.assign_coords(
+            hour=("time", d.time.dt.hour.values.astype("i4")),
+            lat=(("y",), np.linspace(-10, 10, 3)),
+        )
+        path = src / f"d{i:02d}.nc"
+        d.to_netcdf(path, engine="h5netcdf")
+        paths.append(str(path))
+    return paths
+
+
+def test_the_fast_header_reads_what_the_parser_reads(tmp_path):
+    from icechunk_distributed.virtualscan import VirtualHeaderReader, default_parser, same_header
+
+    src = tmp_path / "src"
+    src.mkdir()
+    reader = VirtualHeaderReader("time", default_parser())
+    for path in _odd_files(src) + chunked(src, [5], compression="gzip", shuffle=True):
+        fast, parsed = reader(path), reader.parsed(path)
+        assert same_header(fast, parsed), path
+        assert fast.layouts.keys() == parsed.layouts.keys()
+    loadable = VirtualHeaderReader("time", default_parser(), loadable=("mask", "hour"))
+    assert same_header(loadable(path), loadable.parsed(path))
+
+
+def test_a_fast_header_that_disagrees_is_replaced_by_the_parsers(tmp_path, monkeypatch):
+    import icechunk_distributed.hdfheader as hdfheader
+
+    real = hdfheader.read_hdf_header
+
+    def wrong(*args, **kwargs):
+        header = real(*args, **kwargs)
+        # A reading that disagrees with the parser's: times an hour late.
+        return dataclasses.replace(
+            header, concat_values=header.concat_values + np.timedelta64(1, "h")
+        )
+
+    monkeypatch.setattr(hdfheader, "read_hdf_header", wrong)
+    src = tmp_path / "src"
+    src.mkdir()
+    paths = _odd_files(src)
+    repo = virtual_repo(tmp_path / "repo", src)
+    ingest_virtual(paths, repo, executor="threads")
+    got = read_virtual(tmp_path / "repo", src)
+    np.testing.assert_array_equal(got.time.values, mfdataset(paths).time.values)

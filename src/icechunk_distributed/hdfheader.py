@@ -30,7 +30,7 @@ _INTERNAL = frozenset(
     {"DIMENSION_LIST", "REFERENCE_LIST", "CLASS", "NAME", "_Netcdf4Dimid",
      "_Netcdf4Coordinates", "_nc3_strict"}
 )  # fmt: skip
-_DIMENSION_ONLY = b"This is a netCDF dimension but not a netCDF variable"
+_ONLY = "This is a netCDF dimension but not a netCDF variable"
 
 
 @contextmanager
@@ -47,9 +47,9 @@ def _text(value: Any) -> Any:
     return value
 
 
-def _dims(name: str, ds: Any) -> tuple[str, ...] | None:
+def _dims(name: str, ds: Any, scale: bool) -> tuple[str, ...] | None:
     """The dataset's dimension names, from its dimension scales (None: some axis has none)."""
-    if _text(ds.attrs.get("CLASS")) == "DIMENSION_SCALE":
+    if scale:
         return (name,) if ds.ndim == 1 else None
     out = []
     for axis in ds.dims:
@@ -59,11 +59,11 @@ def _dims(name: str, ds: Any) -> tuple[str, ...] | None:
     return tuple(out)
 
 
-def _layout(ds: Any) -> str:
+def _layout(ds: Any, attrs: dict[str, Any]) -> str:
     """What must agree across files: dtype, chunks, filter pipeline, fill value."""
     plist = ds.id.get_create_plist()
     filters = [list(plist.get_filter(i)[:3]) for i in range(plist.get_nfilters())]
-    fill = ds.attrs.get("_FillValue", ds.fillvalue)
+    fill = attrs.get("_FillValue", ds.fillvalue)
     return json.dumps(
         {"dtype": ds.dtype.str, "chunks": ds.chunks, "filters": filters, "fill": repr(fill)},
         default=str,
@@ -86,37 +86,42 @@ def read_hdf_header(
 
     dim = concat_dim
     with _opened(path, options) as f:
-        found: dict[str, tuple[tuple[str, ...], Any]] = {}
+        found: dict[str, tuple[tuple[str, ...], Any, dict[str, Any]]] = {}
         sizes: dict[str, int] = {}
         for name, ds in f.items():
             if not isinstance(ds, h5py.Dataset):
                 continue
-            dims = _dims(name, ds)
+            # Attribute reads dominate: read only the ones xarray shows, and CLASS and NAME
+            # where present (never the dimension lists, which are arrays of references).
+            keys = list(ds.attrs)
+            attrs = {k: _text(ds.attrs[k]) for k in keys if k not in _INTERNAL}
+            scale = "CLASS" in keys and _text(ds.attrs["CLASS"]) == "DIMENSION_SCALE"
+            dims = _dims(name, ds, scale)
             if dims is None or ds.dtype.kind not in "biuf":
                 return None
             sizes.update(zip(dims, map(int, ds.shape), strict=True))
-            if not _text(ds.attrs.get("NAME", b"")).startswith(_DIMENSION_ONLY.decode()):
-                found[name] = (dims, ds)
-        all_dims = {d for dims, _ in found.values() for d in dims}
+            only = scale and "NAME" in keys and _text(ds.attrs["NAME"]).startswith(_ONLY)
+            if not only:
+                found[name] = (dims, ds, attrs)
+        all_dims = {d for dims, _, _ in found.values() for d in dims}
         named = {
             n
-            for _, ds in found.values()
-            for n in str(_text(ds.attrs.get("coordinates", ""))).split()
+            for _, _, attrs in found.values()
+            for n in str(attrs.get("coordinates", "")).split()
             if n in found
         }
         loaded_names = {n for n in found if n in all_dims} | (set(loadable) & set(found))
         variables: dict[str, VariableHeader] = {}
         layouts: dict[str, str] = {}
         loaded: dict[str, xr.Variable] = {}
-        for name, (dims, ds) in found.items():
-            attrs = {k: _text(v) for k, v in ds.attrs.items() if k not in _INTERNAL}
+        for name, (dims, ds, attrs) in found.items():
             if name in loaded_names:
                 raw = xr.Variable(dims, ds[()], attrs)
                 loaded[name] = xr.conventions.decode_cf_variable(name, raw)
                 dtype = str(loaded[name].dtype)
             else:
                 dtype = str(ds.dtype)
-                layouts[name] = _layout(ds)
+                layouts[name] = _layout(ds, attrs)
             if name != dim:
                 variables[name] = VariableHeader(dims, dtype, attrs)
     coords = {n for n in loaded if loaded[n].dims == (n,)} | (named & set(loaded))
