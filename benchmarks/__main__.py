@@ -1,11 +1,13 @@
 """Benchmarks: ours against the baselines users would otherwise write, measured in one run.
 
-    python -m benchmarks                 # S1-S5 (about 11 minutes on 2 cores)
+    python -m benchmarks                 # S1-S6 (S1-S5: about 11 minutes on 2 cores)
     python -m benchmarks --only S1 --repeat 5
     python -m benchmarks --only S5       # 96 netCDF files (1 GB) into a new repository
+    python -m benchmarks --only S6       # 1,000 small netCDF files referenced (virtual ingest)
     python -m benchmarks --smoke         # tiny sizes, one repetition: checks that it all runs
 
-S5 generates its source files once into ``benchmarks/.cache/`` (about 1 GB, ignored by git).
+S5 and S6 generate their source files once into ``benchmarks/.cache/`` (about 1 GB and 50 MB,
+ignored by git).
 
 Every contender's result is read back and checked. Contenders alternate within each
 repetition and the median is reported; ratios are ours / baseline (below 1: we are faster).
@@ -30,7 +32,7 @@ os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 _root = str(Path(__file__).resolve().parent.parent)
 os.environ["PYTHONPATH"] = os.pathsep.join(p for p in [_root, os.environ.get("PYTHONPATH")] if p)
 
-from benchmarks import ingest, scenarios  # noqa: E402 - after PYTHONPATH, which workers inherit
+from benchmarks import ingest, scenarios, virtual  # noqa: E402 - after PYTHONPATH, which workers inherit
 
 RESULTS = Path(__file__).parent / "results"
 
@@ -78,7 +80,7 @@ def print_rows(rows: list[dict[str, object]]) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="icechunk-distributed benchmarks")
-    parser.add_argument("--only", default="S1,S2,S3,S4,S5", help="comma-separated scenarios")
+    parser.add_argument("--only", default="S1,S2,S3,S4,S5,S6", help="comma-separated scenarios")
     parser.add_argument("--repeat", type=int, default=3)
     parser.add_argument("--smoke", action="store_true", help="tiny sizes, one repetition")
     parser.add_argument("--full", action="store_true", help="S4 up to 100k tasks, 1M chunks")
@@ -141,6 +143,14 @@ def main(argv: list[str] | None = None) -> int:
             extra["S5"] = s5.report()
             s5.print_summary()
         rows += rows_for("S5", times, s5.OURS)
+    if "S6" in chosen:
+        with virtual.S6(smoke=args.smoke, workers=2 if args.smoke else None) as s6:
+            times = measure(s6.contenders(), repeat)
+            s6.scale()
+            s6.profile()
+            extra["S6"] = s6.report()
+            s6.print_summary()
+        rows += rows_for("S6", times, s6.OURS)
 
     print_rows(rows)
     RESULTS.mkdir(exist_ok=True)
