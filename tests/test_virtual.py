@@ -27,7 +27,8 @@ from icechunk_distributed.errors import (
     RegionWriteError,
     TemplateMismatchError,
 )
-from ingest_files import day
+from icechunk_distributed.virtual import VirtualLoader
+from ingest_files import day, days
 from virtual_files import (
     FailingParser,
     chunked,
@@ -703,3 +704,22 @@ def test_a_fast_header_that_disagrees_is_replaced_by_the_parsers(tmp_path, monke
     ingest_virtual(paths, repo, executor="threads")
     got = read_virtual(tmp_path / "repo", src)
     np.testing.assert_array_equal(got.time.values, mfdataset(paths).time.values)
+
+
+@pytest.mark.parametrize("encoding", [{}, {"compression": "gzip", "shuffle": True}, "contiguous"])
+def test_tasks_read_references_with_h5py_as_the_parser_does(tmp_path, encoding):
+    src = tmp_path / "src"
+    src.mkdir()
+    if encoding == "contiguous":
+        paths = [str(p) for p in days(src, range(3))]  # contiguous: one chunk per file
+    else:
+        paths = chunked(src, range(3), **encoding)
+    plan = icd.plan_ingest(paths, concat_dim="time", virtual=True, workers=1)
+    loader = plan.loader
+    assert isinstance(loader, VirtualLoader) and set(loader.prototypes) == {"t2m", "rain"}
+    parsed = dataclasses.replace(loader, prototypes={})
+    region = {"time": slice(0, 12)}
+    fast, slow = loader(region), parsed(region)
+    for name in ("t2m", "rain"):
+        assert fast[name].data.manifest.dict() == slow[name].data.manifest.dict()
+        assert fast[name].data.metadata == slow[name].data.metadata

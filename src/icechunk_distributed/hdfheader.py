@@ -23,7 +23,7 @@ import xarray as xr
 from icechunk_distributed.scan import FileHeader, VariableHeader
 from icechunk_distributed.sources import SourceOptions, open_binary
 
-__all__ = ["read_hdf_header"]
+__all__ = ["References", "read_hdf_header", "read_hdf_references"]
 
 # Attributes the netCDF4 library keeps for itself: xarray never shows them.
 _INTERNAL = frozenset(
@@ -135,3 +135,49 @@ def read_hdf_header(
         tuple(sorted(n for n in coords | named if n != dim)),
         layouts,
     )
+
+
+References = dict[str, tuple[tuple[int, ...], np.ndarray, np.ndarray, np.ndarray]]
+
+
+def read_hdf_references(
+    url: str, names: Sequence[str], *, options: SourceOptions | None = None
+) -> References | None:
+    """Each dataset's chunk references, read with h5py alone: the fast path of a virtual task.
+
+    Per name: the dataset's shape, and the file, byte offset and length of each chunk on its
+    chunk grid (``""``, 0, 0 where a chunk was never written). What VirtualiZarr's HDF parser
+    finds, in a millisecond instead of twenty; the caller checks that on one file. None when
+    h5py alone cannot tell (compact or unallocated data, a chunk stored with a filter
+    skipped): the caller parses the file.
+    """
+    import h5py
+
+    path = url[len("file://") :] if url.startswith("file://") else url
+    out: References = {}
+    with _opened(path, options) as f:
+        for name in names:
+            ds = f[name]
+            layout = ds.id.get_create_plist().get_layout()
+            chunks = ds.chunks if layout == h5py.h5d.CHUNKED else ds.shape
+            grid = tuple(-(-n // c) for n, c in zip(ds.shape, chunks, strict=True))
+            paths = np.full(grid, "", dtype=np.dtypes.StringDType())
+            offsets = np.zeros(grid, dtype=np.uint64)
+            lengths = np.zeros(grid, dtype=np.uint64)
+            if layout == h5py.h5d.CONTIGUOUS:
+                offset = ds.id.get_offset()
+                if offset is None:
+                    return None
+                at = (0,) * ds.ndim
+                paths[at], offsets[at], lengths[at] = url, offset, ds.id.get_storage_size()
+            elif layout == h5py.h5d.CHUNKED:
+                for i in range(ds.id.get_num_chunks()):
+                    info = ds.id.get_chunk_info(i)
+                    if info.filter_mask:
+                        return None
+                    at = tuple(o // c for o, c in zip(info.chunk_offset, chunks, strict=True))
+                    paths[at], offsets[at], lengths[at] = url, info.byte_offset, info.size
+            else:
+                return None
+            out[name] = (tuple(int(n) for n in ds.shape), paths, offsets, lengths)
+    return out

@@ -45,6 +45,7 @@ from icechunk_distributed.virtual import (
     check_virtual_append,
     check_virtual_options,
     file_batches,
+    hdf_prototypes,
     virtual_template,
 )
 from icechunk_distributed.virtualscan import (
@@ -232,8 +233,15 @@ def _virtual_plan(
     if stored is not None:
         stored.check_append(template, files.paths[0], referenced=along + static)
     loaded = [n for n in task_variables(template, dim) if n not in along]
+    first = file_url(files.paths[0])
     loader = VirtualLoader.of(
-        files, along, static, parser=virtual.parser, options=options, loaded=loaded
+        files,
+        along,
+        static,
+        parser=virtual.parser,
+        options=options,
+        loaded=loaded,
+        prototypes=hdf_prototypes(first, along, virtual.parser, options),
     )
     # One chunk along the dim (a single file): one task writes it, as in a byte ingest.
     names = task_variables(template, dim)

@@ -42,6 +42,7 @@ __all__ = [
     "loaded_names",
     "manifest_arrays",
     "parse_file",
+    "plain_hdf",
     "registry",
     "same_header",
     "scan_virtual",
@@ -137,7 +138,7 @@ class VirtualHeaderReader:
         Read with h5py alone when the parser is the default HDF parser (``fast``; see
         :mod:`~icechunk_distributed.hdfheader`), else (or if h5py cannot tell) parsed.
         """
-        if self.fast and _plain_hdf(self.parser):
+        if self.fast and plain_hdf(self.parser):
             from icechunk_distributed.hdfheader import read_hdf_header
 
             header = read_hdf_header(
@@ -185,7 +186,7 @@ class VirtualHeaderReader:
         )
 
 
-def _plain_hdf(parser: Any) -> bool:
+def plain_hdf(parser: Any) -> bool:
     """Whether ``parser`` is VirtualiZarr's HDF parser with its default settings."""
     return (
         type(parser).__name__ == "HDFParser"
