@@ -205,10 +205,10 @@ def scan_files(
     files = _existing([os.fspath(p) for p in paths])
     headers: dict[int, FileHeader] = {}
 
-    shared: dict[str, str] = {}
+    shared: dict[Any, Any] = {}
 
     def keep(i: int, header: FileHeader, attempts: int) -> None:
-        headers[i] = _share_layouts(header, shared)
+        headers[i] = _share(header, shared)
 
     with (
         open_adapter(executor, workers=workers) as adapter,
@@ -243,14 +243,22 @@ def _existing(files: list[str]) -> list[str]:
     return files
 
 
-def _share_layouts(header: FileHeader, shared: dict[str, str]) -> FileHeader:
-    """``header`` with its layouts replaced by equal ones seen before.
+def _share(header: FileHeader, shared: dict[Any, Any]) -> FileHeader:
+    """``header`` with its parts replaced by equal ones seen in earlier headers.
 
-    Every file's layouts are equal strings in the usual case: one copy of each keeps the
-    coordinator's memory growing by the headers' values only.
+    Files of one set repeat each other: the same variables and attributes, the same
+    latitudes, the same layouts. One copy of each keeps the coordinator's memory growing by
+    what differs (the concat values), not by the whole header, per file.
     """
     for name, text in header.layouts.items():
         header.layouts[name] = shared.setdefault(text, text)
+    for name, var in header.variables.items():
+        key = ("variable", name, var.dims, var.dtype, repr(sorted(var.attrs.items(), key=str)))
+        header.variables[name] = shared.setdefault(key, var)
+    for name, values in header.coords.items():
+        seen = shared.setdefault(("coord", name), values)
+        if seen is not values and _same_values(values, seen):
+            header.coords[name] = seen
     return header
 
 
