@@ -180,12 +180,7 @@ def _make_plan(
         stored.check_append(template, files.paths[0])
     names = task_variables(template, concat_dim)
     loader = FileLoader.of(files, names, engine=engine, options=options)
-    # One chunk along concat_dim: no two tasks could share it, so the coordinator would
-    # write it, reading every file itself. Give it to one task instead.
-    single = write_mode != "a" and all(
-        template[n].encoding["chunks"][template[n].dims.index(concat_dim)] >= files.size
-        for n in names
-    )
+    single = _single_task(template, names, concat_dim, files.size, write_mode)
     region_dims: tuple[str, ...] = () if single else (concat_dim,)
     regions = plan_regions(
         loader,
@@ -243,11 +238,7 @@ def _virtual_plan(
         loaded=loaded,
         prototypes=hdf_prototypes(first, along, virtual.parser, options),
     )
-    # One chunk along the dim (a single file): one task writes it, as in a byte ingest.
-    names = task_variables(template, dim)
-    single = mode != "a" and all(
-        template[n].encoding["chunks"][template[n].dims.index(dim)] >= files.size for n in names
-    )
+    single = _single_task(template, task_variables(template, dim), dim, files.size, mode)
     region_dims: tuple[str, ...] = () if single else (dim,)
     regions = plan_regions(
         loader,
@@ -262,6 +253,19 @@ def _virtual_plan(
         parallelism=adapter.capabilities.parallelism,
     )
     return IngestPlan(files, skipped, template, regions, loader, mode, dim, region_dims)
+
+
+def _single_task(
+    template: xr.Dataset, names: Sequence[str], dim: str, size: int, mode: IngestMode
+) -> bool:
+    """Whether the task variables are one chunk along ``dim`` (a new dataset).
+
+    No two tasks could share that chunk, so the planner would leave it to the coordinator,
+    which would then read every file itself: give it to one task instead.
+    """
+    return mode != "a" and all(
+        template[n].encoding["chunks"][template[n].dims.index(dim)] >= size for n in names
+    )
 
 
 def _store_of(target: object, branch: str) -> Any:
