@@ -16,6 +16,7 @@ from typing import Any
 import icechunk
 import numpy as np
 
+from icechunk_distributed import shipping
 from icechunk_distributed.adapters import Adapter, open_adapter
 from icechunk_distributed.dispatch import region_write_error, run_region_tasks, shipped_size
 from icechunk_distributed.errors import (
@@ -26,7 +27,7 @@ from icechunk_distributed.planning import Region, WritePlan, build_plan, check_s
 from icechunk_distributed.progress import Progress
 from icechunk_distributed.results import TaskRecord, WriteResult
 from icechunk_distributed.session import DistributedSession, SessionSnapshot, merge_sessions
-from icechunk_distributed.task import TaskOutput, check_inside, failed, received, worker_name
+from icechunk_distributed.task import TaskOutput, check_inside, failed, worker_name
 
 __all__ = ["store_arrays"]
 
@@ -42,7 +43,7 @@ class _ArrayTask:
 
 
 def _write_array(arg: _ArrayTask | bytes) -> TaskOutput:
-    task = received(arg)
+    task = shipping.loads(arg)
     assert isinstance(task, _ArrayTask)
     t0 = time.perf_counter()
     try:

@@ -16,6 +16,7 @@ import functools
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
+from icechunk_distributed import shipping
 from icechunk_distributed.errors import (
     PayloadTooLargeError,
     RegionWriteError,
@@ -102,16 +103,17 @@ def run_region_tasks(
     caps = adapter.capabilities
     number = list(range(len(regions))) if indices is None else list(indices)
 
-    def make_arg(i: int, attempt: int) -> Any:
-        task = build(i, attempt)
-        if caps.crosses_processes:
-            import cloudpickle
-
-            return cloudpickle.dumps(task)
-        return task
-
     batch_size = batch_rule(caps, item_bytes)
-    with observing(progress, len(regions)) as observers:
+    with (
+        shipping.local_code_by_value() as code,
+        observing(progress, len(regions)) as observers,
+    ):
+
+        def make_arg(i: int, attempt: int) -> Any:
+            task = build(i, attempt)
+            # Pickled here, not by the engine: the user's own modules go by value (shipping).
+            return shipping.dumps(task, code) if caps.crosses_processes else task
+
         loop = TaskLoop(
             adapter,
             fn if batch_size is None else functools.partial(run_batch, fn),
@@ -207,7 +209,7 @@ def shipped_size(obj: Any, what: str, max_arg_bytes: int | None) -> int:
     Returns
     -------
     int
-        Bytes, pickled with cloudpickle.
+        Bytes, pickled as tasks are (:func:`~icechunk_distributed.shipping.dumps`).
 
     Raises
     ------
@@ -216,10 +218,8 @@ def shipped_size(obj: Any, what: str, max_arg_bytes: int | None) -> int:
     PayloadTooLargeError
         It is over :data:`~icechunk_distributed.runner.ARG_HEADROOM` of ``max_arg_bytes``.
     """
-    import cloudpickle
-
     try:
-        size = len(cloudpickle.dumps(obj))
+        size = len(shipping.dumps(obj))
     except Exception as exc:
         raise UnpicklableSourceError(
             f"the {what} {obj!r:.200} cannot be pickled for worker processes ({exc}). "

@@ -19,6 +19,7 @@ from typing import Any, Literal
 
 import numpy as np
 
+from icechunk_distributed import shipping
 from icechunk_distributed.adapters import open_adapter
 from icechunk_distributed.errors import TemplateMismatchError
 from icechunk_distributed.progress import Progress, observing
@@ -145,10 +146,12 @@ class _ScanTask:
     reader: HeaderReader | None = None
 
 
-def _scan(task: _ScanTask) -> FileHeader | BaseException:
+def _scan(arg: _ScanTask | bytes) -> FileHeader | BaseException:
     try:
+        task: _ScanTask = shipping.loads(arg)
         if task.reader is not None:
-            return task.reader(task.path)
+            header: FileHeader = task.reader(task.path)
+            return header
         return read_header(task.path, task.concat_dim, engine=task.engine, options=task.options)
     except Exception as exc:  # travels home as the result: the loop retries, then reports
         return exc
@@ -174,16 +177,10 @@ def scan_files(
         The files.
     concat_dim : str
         The dimension they are concatenated along.
-    executor : str, concurrent.futures.Executor or Adapter, default "threads"
-        Where the headers are read (as in :func:`~icechunk_distributed.run_region_writes`).
+    executor, retries, progress, workers : optional
+        As for :func:`~icechunk_distributed.run_region_writes` (``retries`` per file).
     engine : str, optional
         xarray's backend for the files.
-    retries : int, default 2
-        Extra attempts per file.
-    progress : bool or callable, optional
-        A bar or a callback, as in ``run_region_writes``.
-    workers : int, optional
-        Pool size for executors started by name.
     options : SourceOptions, optional
         How to reach ``s3://`` sources.
     reader : callable, optional
@@ -204,7 +201,6 @@ def scan_files(
     """
     files = _existing([os.fspath(p) for p in paths])
     headers: dict[int, FileHeader] = {}
-
     shared: dict[Any, Any] = {}
 
     def keep(i: int, header: FileHeader, attempts: int) -> None:
@@ -212,8 +208,16 @@ def scan_files(
 
     with (
         open_adapter(executor, workers=workers) as adapter,
+        shipping.local_code_by_value() as code,
         observing(progress, len(files), "scan") as obs,
     ):
+        crosses = adapter.capabilities.crosses_processes
+
+        def make_arg(i: int, attempt: int) -> _ScanTask | bytes:
+            task = _ScanTask(files[i], concat_dim, engine, options, reader)
+            # A reader from the user's own module must reach workers elsewhere (shipping).
+            return shipping.dumps(task, code) if crosses else task
+
         loop = TaskLoop(
             adapter,
             _scan,
@@ -223,9 +227,7 @@ def scan_files(
             on_success=keep,
             observers=obs,
         )
-        failed = loop.run(
-            len(files), lambda i, attempt: _ScanTask(files[i], concat_dim, engine, options, reader)
-        )
+        failed = loop.run(len(files), make_arg)
     if failed:
         lines = "\n".join(f"  {files[f.index]}: {f.result}" for f in failed[:_SHOWN])
         more = f"\n  ... and {len(failed) - _SHOWN} more" if len(failed) > _SHOWN else ""

@@ -22,6 +22,7 @@ from typing import Any
 import numpy as np
 import xarray as xr
 
+from icechunk_distributed import shipping
 from icechunk_distributed.errors import PieceMismatchError
 from icechunk_distributed.planning import Region, format_region
 from icechunk_distributed.references import is_virtual, write_references
@@ -324,17 +325,8 @@ def failed(index: int, exc: Exception, t0: float) -> TaskOutput:
     )
 
 
-def received(arg: Any) -> Any:
-    """A task's argument in the worker: ``bytes`` when it crossed a process boundary."""
-    if isinstance(arg, bytes):
-        import cloudpickle
-
-        return cloudpickle.loads(arg)
-    return arg
-
-
 def run_task(arg: TaskInput | bytes) -> TaskOutput:
     """Entry point in the worker."""
-    inp = received(arg)
+    inp = shipping.loads(arg)
     assert isinstance(inp, TaskInput)
     return execute(inp)

@@ -189,6 +189,10 @@ class LithopsAdapter(Adapter):
             batch = list(iter(feed.pull, None))  # everything available now
             args = [cloudpickle.dumps((fn, a)) for _, a in batch]
             for job in _jobs(args, self.data_limit):
+                # include_modules=[]: Lithops ships no modules (its module shipping raced
+                # once). Nothing needs it: the user's own code travels by value inside each
+                # argument (icechunk_distributed.shipping); installed packages must be in
+                # the runtime.
                 futures = self.executor.map(_call, [args[i] for i in job], include_modules=[])
                 self.n_calls += len(job)
                 keys.update((id(f), batch[i][0]) for f, i in zip(futures, job, strict=True))
