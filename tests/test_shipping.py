@@ -10,6 +10,7 @@ directory. The multi-node clusters of ``test_clusters.py`` exercise the same pat
 
 from __future__ import annotations
 
+import pathlib
 import subprocess
 import sys
 import textwrap
@@ -19,7 +20,6 @@ import numpy as np
 import pytest
 import xarray as xr
 
-import icechunk_distributed as icd
 from icechunk_distributed import shipping
 
 # A worker elsewhere: another directory, and nothing of the coordinator's sys.path but the
@@ -140,7 +140,6 @@ import sys
 import numpy as np
 import icechunk
 import xarray as xr
-import icechunk_distributed as icd
 from icechunk_distributed.adapters.lithops import localhost_config
 
 import helpers
@@ -200,3 +199,32 @@ def test_a_scripts_loader_from_a_sibling_module_writes_on_workers_elsewhere(tmp_
     repo = icechunk.Repository.open(icechunk.local_filesystem_storage(str(repo_path)))
     got = xr.open_zarr(repo.readonly_session("main").store, consolidated=False)
     xr.testing.assert_equal(got, _expected())
+
+
+def test_compiled_code_beside_the_script_is_refused_before_it_ships(tmp_path):
+    # A compiled module that is not installed cannot travel by value: say what to do instead.
+    # (ujson's extension, copied beside a "script", stands in for the user's own build.)
+    ujson = pytest.importorskip("ujson")
+    root = tmp_path / "proj"
+    root.mkdir()
+    (root / pathlib.Path(ujson.__file__).name).write_bytes(
+        pathlib.Path(ujson.__file__).read_bytes()
+    )
+    code = textwrap.dedent(
+        f"""
+        import sys
+        sys.path.insert(0, {str(root)!r})
+        import ujson
+        assert ujson.__file__.startswith({str(root)!r})
+        from icechunk_distributed import errors, shipping
+        try:
+            shipping.dumps(ujson.dumps)
+        except errors.UnpicklableSourceError as exc:
+            print("refused:", exc)
+        """
+    )
+    run = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=False
+    )
+    assert "refused:" in run.stdout, run.stderr
+    assert "'ujson'" in run.stdout and "runtime_env" in run.stdout and "upload_file" in run.stdout

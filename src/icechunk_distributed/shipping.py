@@ -18,6 +18,7 @@ import contextlib
 import dis
 import functools
 import glob
+import importlib.machinery
 import importlib.util
 import os
 import site
@@ -211,6 +212,8 @@ def _pickler_class() -> Any:
         def reducer_override(self, obj: Any) -> Any:
             if isinstance(obj, types.FunctionType):
                 _note_imports(obj, self.local, self.needs)
+            elif isinstance(obj, types.BuiltinFunctionType | type):
+                _check_compiled(obj, self.local)
             return super().reducer_override(obj)
 
     return Pickler
@@ -232,6 +235,26 @@ def _note_imports(fn: types.FunctionType, local: LocalCode, needs: dict[str, Any
             if module is None:
                 break
             needs.setdefault(module.__name__, module)
+
+
+def _check_compiled(obj: Any, local: LocalCode) -> None:
+    """Refuse what only travels by reference from a compiled module the workers lack."""
+    top = (getattr(obj, "__module__", None) or "").partition(".")[0]
+    module = local.modules.get(top)
+    if module is None:
+        return
+    origin = getattr(sys.modules.get(obj.__module__), "__file__", None) or ""
+    if origin.endswith(tuple(importlib.machinery.EXTENSION_SUFFIXES)):
+        from icechunk_distributed.errors import UnpicklableSourceError
+
+        raise UnpicklableSourceError(
+            f"{getattr(obj, '__qualname__', obj)!r} comes from the compiled module "
+            f"{obj.__module__!r} ({origin}), which is not installed in the environment: "
+            "compiled code cannot travel by value to workers elsewhere. Install it on the "
+            "workers (`pip install` the project there, or in the image), or ship it with "
+            "the engine: Ray `runtime_env={'py_modules': [...]}`, dask "
+            "`client.upload_file(...)`, Lithops a custom runtime."
+        )
 
 
 def _installed(modules: dict[str, types.ModuleType], obj: Any) -> Any:
