@@ -38,7 +38,7 @@ __all__ = [
 
 def known_executors() -> list[str]:
     """Names accepted by ``executor=``."""
-    return ["serial", "threads", "processes", "joblib", "ray", "lithops", "dask"]
+    return ["serial", "threads", "processes", "joblib", "ray", "lithops", "dask", "beam"]
 
 
 def get_adapter(executor: Any, *, workers: int | None = None) -> Adapter:
@@ -48,8 +48,9 @@ def get_adapter(executor: Any, *, workers: int | None = None) -> Adapter:
     ----------
     executor : str, Adapter or engine object
         ``"serial"``, ``"threads"``, ``"processes"``, ``"joblib"``, ``"ray"``, ``"lithops"``,
-        ``"dask"``; an :class:`Adapter`; the ``ray`` module, a ``distributed.Client``, a
-        ``lithops.FunctionExecutor``; or any ``concurrent.futures.Executor``
+        ``"dask"``, ``"beam"``; an :class:`Adapter`; the ``ray`` module, a
+        ``distributed.Client``, a ``lithops.FunctionExecutor``, an ``apache_beam.Pipeline``
+        or ``PipelineOptions``; or any ``concurrent.futures.Executor``
         (``client.get_executor()``, loky's reusable executor, ``MPIPoolExecutor``, ...).
     workers : int, optional
         Pool size for executors the library starts itself.
@@ -59,7 +60,8 @@ def get_adapter(executor: Any, *, workers: int | None = None) -> Adapter:
     Adapter
         The adapter; close it when done (it only shuts down what it started).
     """
-    from icechunk_distributed.adapters import local
+    # beam: stdlib only, so this imports no apache_beam
+    from icechunk_distributed.adapters import beam, local
 
     if isinstance(executor, Adapter):
         return executor
@@ -87,6 +89,8 @@ def get_adapter(executor: Any, *, workers: int | None = None) -> Adapter:
             from icechunk_distributed.adapters.dask import DaskAdapter
 
             return DaskAdapter(workers=workers)
+        if name == "beam":
+            return beam.BeamAdapter(workers=workers)
         raise ValueError(
             f"unknown executor {executor!r}; known names: {', '.join(known_executors())}. "
             "You can also pass a concurrent.futures Executor instance."
@@ -105,12 +109,15 @@ def get_adapter(executor: Any, *, workers: int | None = None) -> Adapter:
         from icechunk_distributed.adapters.lithops import LithopsAdapter
 
         return LithopsAdapter(executor, workers=workers)
+    if beam.is_beam_object(executor):
+        return beam.BeamAdapter.from_object(executor, workers=workers)
     if isinstance(executor, Executor):
         return local.FuturesAdapter(executor)
     raise TypeError(
         f"cannot use {type(executor).__name__!r} as an executor: pass one of "
         f"{known_executors()}, a distributed.Client, a lithops.FunctionExecutor, the ray "
-        "module, a concurrent.futures.Executor, or an Adapter"
+        "module, an apache_beam Pipeline or PipelineOptions, a concurrent.futures.Executor, "
+        "or an Adapter"
     )
 
 
