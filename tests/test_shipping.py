@@ -46,6 +46,7 @@ def _project(tmp_path, name: str = "proj"):
             """
         )
     )
+    (root / "catalog.py").write_text("import threading\n\nLOCK = threading.Lock()\n")
     (root / "helpers.py").write_text(
         textwrap.dedent(
             """
@@ -59,6 +60,20 @@ def _project(tmp_path, name: str = "proj"):
 
             def triple(n):
                 return 3 * n
+
+            class BadSource(Exception):
+                pass
+
+            def load_bad(region):
+                if region["time"].start == 6:
+                    raise BadSource(f"file for {region['time'].start} is corrupt")
+                return load(region)
+
+            def load_locked(region):
+                import catalog  # holds a lock: cannot travel by value
+
+                with catalog.LOCK:
+                    return load(region)
             """
         )
     )
@@ -137,9 +152,13 @@ def test_installed_code_still_travels_by_reference():
 # The user's script, run as its own process from the project directory.
 _SCRIPT = """
 import sys
+from concurrent.futures import Executor, ProcessPoolExecutor
+from multiprocessing import get_context
+
 import numpy as np
 import icechunk
 import xarray as xr
+import icechunk_distributed as icd
 from icechunk_distributed.adapters.lithops import localhost_config
 
 import helpers
@@ -150,42 +169,54 @@ def leave_the_project(root):
     os.chdir(os.path.dirname(root))
     sys.path[:] = [p for p in sys.path if p not in ("", root)]
 
-def main(kind, repo_path):
-    template = xr.Dataset({"v": (("time", "x"), np.zeros((12, 4)))}).chunk({"time": 3})
-    repo = icechunk.Repository.create(icechunk.local_filesystem_storage(repo_path))
+class Elsewhere(Executor):
+    # Stands for an executor whose workers run on other machines (MPIPoolExecutor, ...).
+    def __init__(self, pool):
+        self.pool = pool
+    def submit(self, fn, /, *args, **kwargs):
+        return self.pool.submit(fn, *args, **kwargs)
+    def shutdown(self, wait=True, *, cancel_futures=False):
+        self.pool.shutdown(wait, cancel_futures=cancel_futures)
+
+def executor(kind):
+    import os
     if kind == "lithops":
         import lithops
-        executor = lithops.FunctionExecutor(config=localhost_config(2), log_level=None)
-    else:
-        import os
-        from concurrent.futures import ProcessPoolExecutor
-        from multiprocessing import get_context
-        executor = ProcessPoolExecutor(
-            2, mp_context=get_context("spawn"), initializer=leave_the_project,
-            initargs=(os.getcwd(),),
-        )
-    result = icd.run_region_writes(
-        helpers.load, repo, template=template, executor=executor, progress=False, retries=0,
-        encoding={"v": {"chunks": (3, 4)}},
+        return lithops.FunctionExecutor(config=localhost_config(2), log_level=None)
+    if kind == "processes":
+        return "processes"
+    pool = ProcessPoolExecutor(
+        2, mp_context=get_context("spawn"), initializer=leave_the_project,
+        initargs=(os.getcwd(),),
     )
-    print("regions", result.n_regions)
+    return Elsewhere(pool)
+
+def main(kind, loader, repo_path):
+    template = xr.Dataset({"v": (("time", "x"), np.zeros((12, 4)))}).chunk({"time": 3})
+    repo = icechunk.Repository.create(icechunk.local_filesystem_storage(repo_path))
+    try:
+        result = icd.run_region_writes(
+            getattr(helpers, loader), repo, template=template, executor=executor(kind),
+            progress=False, retries=0, encoding={"v": {"chunks": (3, 4)}},
+        )
+    except icd.RegionWriteError as exc:
+        for f in exc.failures:
+            print("failed", f.index, type(f.exception).__name__,
+                  isinstance(f.exception, helpers.BadSource), f.error)
+    else:
+        print("regions", result.n_regions)
 
 if __name__ == "__main__":
-    main(sys.argv[1], sys.argv[2])
+    main(*sys.argv[1:])
 """
 
 
-@pytest.mark.parametrize(
-    "kind", [pytest.param("lithops", marks=pytest.mark.lithops), "processes-elsewhere"]
-)
-def test_a_scripts_loader_from_a_sibling_module_writes_on_workers_elsewhere(tmp_path, kind):
-    if kind == "lithops":
-        pytest.importorskip("lithops")
+def _run_script(tmp_path, kind: str, loader: str):
     root = _project(tmp_path)
     (root / "script.py").write_text(_SCRIPT)
     repo_path = tmp_path / "repo"
     run = subprocess.run(
-        [sys.executable, "script.py", kind, str(repo_path)],
+        [sys.executable, "script.py", kind, loader, str(repo_path)],
         cwd=root,
         capture_output=True,
         text=True,
@@ -193,32 +224,57 @@ def test_a_scripts_loader_from_a_sibling_module_writes_on_workers_elsewhere(tmp_
         check=False,
     )
     assert run.returncode == 0, run.stderr[-3000:]
-    assert "regions 4" in run.stdout
+    return run.stdout, repo_path
+
+
+def _stored(repo_path) -> xr.Dataset:
     import icechunk
 
     repo = icechunk.Repository.open(icechunk.local_filesystem_storage(str(repo_path)))
-    got = xr.open_zarr(repo.readonly_session("main").store, consolidated=False)
-    xr.testing.assert_equal(got, _expected())
+    return xr.open_zarr(repo.readonly_session("main").store, consolidated=False)
+
+
+@pytest.mark.parametrize("kind", [pytest.param("lithops", marks=pytest.mark.lithops), "elsewhere"])
+def test_a_scripts_loader_from_a_sibling_module_writes_on_workers_elsewhere(tmp_path, kind):
+    if kind == "lithops":
+        pytest.importorskip("lithops")
+    out, repo_path = _run_script(tmp_path, kind, "load")
+    assert "regions 4" in out, out
+    xr.testing.assert_equal(_stored(repo_path), _expected())
+
+
+def test_the_users_exception_class_comes_home_from_workers_elsewhere(tmp_path):
+    # The class travelled by value; the coordinator gets its own class back, not a copy.
+    out, _ = _run_script(tmp_path, "elsewhere", "load_bad")
+    assert "failed 2 BadSource True" in out, out
+
+
+def test_local_pools_keep_module_state_by_reference(tmp_path):
+    # A lock (or a large table) at module level cannot travel by value; on a pool of this
+    # machine, which imports the module itself, nothing of it travels.
+    out, repo_path = _run_script(tmp_path, "processes", "load_locked")
+    assert "regions 4" in out, out
+    xr.testing.assert_equal(_stored(repo_path), _expected())
 
 
 def test_compiled_code_beside_the_script_is_refused_before_it_ships(tmp_path):
     # A compiled module that is not installed cannot travel by value: say what to do instead.
-    # (ujson's extension, copied beside a "script", stands in for the user's own build.)
+    # (ujson's extension, copied into a package beside a "script", stands in for the user's
+    # own build; a top-level copy would count as the installed ujson distribution.)
     ujson = pytest.importorskip("ujson")
-    root = tmp_path / "proj"
-    root.mkdir()
-    (root / pathlib.Path(ujson.__file__).name).write_bytes(
-        pathlib.Path(ujson.__file__).read_bytes()
-    )
+    package = tmp_path / "proj" / "mypkg"
+    package.mkdir(parents=True)
+    (package / "__init__.py").write_text("")
+    built = pathlib.Path(ujson.__file__)
+    (package / built.name).write_bytes(built.read_bytes())
     code = textwrap.dedent(
         f"""
         import sys
-        sys.path.insert(0, {str(root)!r})
-        import ujson
-        assert ujson.__file__.startswith({str(root)!r})
+        sys.path.insert(0, {str(package.parent)!r})
+        import mypkg.ujson
         from icechunk_distributed import errors, shipping
         try:
-            shipping.dumps(ujson.dumps)
+            shipping.dumps(mypkg.ujson.dumps)
         except errors.UnpicklableSourceError as exc:
             print("refused:", exc)
         """
@@ -227,4 +283,65 @@ def test_compiled_code_beside_the_script_is_refused_before_it_ships(tmp_path):
         [sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=False
     )
     assert "refused:" in run.stdout, run.stderr
-    assert "'ujson'" in run.stdout and "runtime_env" in run.stdout and "upload_file" in run.stdout
+    assert "'mypkg.ujson'" in run.stdout
+    assert "runtime_env" in run.stdout and "upload_file" in run.stdout
+
+
+def test_in_body_imports_of_every_form_are_shipped(tmp_path, monkeypatch):
+    # `from pkg import sub`, `from . import sub`, and a shipped module's own in-body import.
+    root = tmp_path / "proj2"
+    (root / "pkg").mkdir(parents=True)
+    (root / "pkg" / "__init__.py").write_text("")
+    (root / "pkg" / "sub.py").write_text("def one():\n    return 1\n")
+    (root / "pkg" / "rel.py").write_text(
+        "def two():\n    from . import sub\n\n    return 2 * sub.one()\n"
+    )
+    (root / "units.py").write_text("K = 4\n")
+    (root / "chain.py").write_text("def four():\n    import units\n\n    return units.K\n")
+    (root / "entry.py").write_text(
+        textwrap.dedent(
+            """
+            def total(_):
+                from pkg import sub
+                from pkg.rel import two
+                import chain
+
+                return sub.one() + two() + chain.four()
+            """
+        )
+    )
+    monkeypatch.syspath_prepend(str(root))
+    import entry
+
+    try:
+        payload = shipping.dumps(entry.total)
+    finally:
+        for name in [
+            m for m in sys.modules if m.split(".")[0] in ("pkg", "units", "chain", "entry")
+        ]:
+            sys.modules.pop(name)
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    out = _run_elsewhere(payload, elsewhere)
+    assert out.stdout.strip() == "7", out.stderr
+
+
+def test_shipped_copies_never_replace_a_real_module(project_on_path):
+    # Workers in this very process (Beam's in-process runner, dask with processes=False)
+    # must keep the user's own module objects.
+    import helpers
+
+    fn = cloudpickle.loads(shipping.dumps(lambda r: helpers.load(r)))
+    assert sys.modules["helpers"] is helpers
+    assert fn({"time": slice(0, 2)})["v"].shape == (2, 4)
+
+
+def test_two_runs_at_once_keep_each_others_registration(project_on_path):
+    import helpers
+
+    with shipping.local_code_by_value() as first:
+        with shipping.local_code_by_value():
+            pass  # the inner run ends first...
+        # ...and the outer one still ships by value.
+        assert len(shipping.dumps(helpers.triple, first)) > 200
+    assert "helpers" not in cloudpickle.list_registry_pickle_by_value()

@@ -148,7 +148,8 @@ def _check_shippable(
     session.check_shareable()  # in-memory storage cannot reach worker processes
     for src, path in zip(srcs, paths, strict=True):
         first = tuple(slice(0, min(1, n)) for n in src.shape)
-        shipped_size(src[first], f"source for {path!r}", None)
+        by_value = not adapter.capabilities.shares_modules
+        shipped_size(src[first], f"source for {path!r}", None, by_value=by_value)
 
 
 # long: half of it is the docstring; the body builds tasks inline (they close over it).

@@ -105,14 +105,15 @@ def run_region_tasks(
 
     batch_size = batch_rule(caps, item_bytes)
     with (
-        shipping.local_code_by_value() as code,
+        shipping.for_workers(by_value=not caps.shares_modules) as dumps,
         observing(progress, len(regions)) as observers,
     ):
 
         def make_arg(i: int, attempt: int) -> Any:
             task = build(i, attempt)
-            # Pickled here, not by the engine: the user's own modules go by value (shipping).
-            return shipping.dumps(task, code) if caps.crosses_processes else task
+            # Pickled here, not by the engine: for workers elsewhere the user's own modules
+            # go by value (shipping).
+            return dumps(task) if caps.crosses_processes else task
 
         loop = TaskLoop(
             adapter,
@@ -194,7 +195,7 @@ def region_write_error(
     )
 
 
-def shipped_size(obj: Any, what: str, max_arg_bytes: int | None) -> int:
+def shipped_size(obj: Any, what: str, max_arg_bytes: int | None, *, by_value: bool = False) -> int:
     """The pickled size of what one task ships; refuse what cannot ship.
 
     Parameters
@@ -205,11 +206,13 @@ def shipped_size(obj: Any, what: str, max_arg_bytes: int | None) -> int:
         What it is, for the messages (``"loader"``, ``"source dataset"``).
     max_arg_bytes : int, optional
         The engine's limit on a call's arguments (Lithops' ``data_limit``).
+    by_value : bool, default False
+        The user's own modules travel by value (``not Capabilities.shares_modules``).
 
     Returns
     -------
     int
-        Bytes, pickled as tasks are (:func:`~icechunk_distributed.shipping.dumps`).
+        Bytes, pickled as tasks are (:func:`~icechunk_distributed.shipping.for_workers`).
 
     Raises
     ------
@@ -218,14 +221,26 @@ def shipped_size(obj: Any, what: str, max_arg_bytes: int | None) -> int:
     PayloadTooLargeError
         It is over :data:`~icechunk_distributed.runner.ARG_HEADROOM` of ``max_arg_bytes``.
     """
+    local = sorted(shipping.local_modules()) if by_value else []
     try:
-        size = len(shipping.dumps(obj))
+        with shipping.for_workers(by_value=by_value) as dumps:
+            size = len(dumps(obj))
+    except UnpicklableSourceError:
+        raise
     except Exception as exc:
+        shipped = (
+            f" For this executor's workers, which may not import them, the modules beside "
+            f"your script ({', '.join(local)}) travel by value, module-level objects "
+            "included: keep locks, open files and clients inside functions, or install "
+            "those modules on the workers."
+            if local
+            else ""
+        )
         raise UnpicklableSourceError(
             f"the {what} {obj!r:.200} cannot be pickled for worker processes ({exc}). "
             "Use executor='threads', or make it picklable: a module-level function "
             "instead of a closure over open files or locks, or a loader that opens the "
-            "data inside the task."
+            f"data inside the task.{shipped}"
         ) from exc
     if max_arg_bytes is not None and size > ARG_HEADROOM * max_arg_bytes:
         raise PayloadTooLargeError(

@@ -30,6 +30,7 @@ __all__ = [
     "FileHeader",
     "FileSet",
     "HeaderReader",
+    "Unreadable",
     "VariableHeader",
     "as_step",
     "check_step",
@@ -146,6 +147,10 @@ class _ScanTask:
     reader: HeaderReader | None = None
 
 
+class Unreadable(Exception):
+    """A file's header could not be read in the task (the original error, as text)."""
+
+
 def _scan(arg: _ScanTask | bytes) -> FileHeader | BaseException:
     try:
         task: _ScanTask = shipping.loads(arg)
@@ -154,7 +159,9 @@ def _scan(arg: _ScanTask | bytes) -> FileHeader | BaseException:
             return header
         return read_header(task.path, task.concat_dim, engine=task.engine, options=task.options)
     except Exception as exc:  # travels home as the result: the loop retries, then reports
-        return exc
+        # As text in a plain exception: the engine pickles results with plain pickle,
+        # which refuses an exception class of the user's shipped by value.
+        return Unreadable(f"{type(exc).__name__}: {exc}")
 
 
 def scan_files(
@@ -208,7 +215,7 @@ def scan_files(
 
     with (
         open_adapter(executor, workers=workers) as adapter,
-        shipping.local_code_by_value() as code,
+        shipping.for_workers(by_value=not adapter.capabilities.shares_modules) as dumps,
         observing(progress, len(files), "scan") as obs,
     ):
         crosses = adapter.capabilities.crosses_processes
@@ -216,14 +223,14 @@ def scan_files(
         def make_arg(i: int, attempt: int) -> _ScanTask | bytes:
             task = _ScanTask(files[i], concat_dim, engine, options, reader)
             # A reader from the user's own module must reach workers elsewhere (shipping).
-            return shipping.dumps(task, code) if crosses else task
+            return dumps(task) if crosses else task
 
         loop = TaskLoop(
             adapter,
             _scan,
             retries=retries,
             is_success=lambda out: isinstance(out, FileHeader),
-            describe_error=lambda out: f"{type(out).__name__}: {out}",
+            describe_error=lambda out: str(out) if isinstance(out, Unreadable) else repr(out),
             on_success=keep,
             observers=obs,
         )

@@ -4,12 +4,15 @@ Workers of a real cluster (``ray start`` nodes, ``dask worker`` processes, Litho
 run in other directories, with another ``sys.path``: a loader defined in a module beside the
 user's script is importable on the coordinator only. cloudpickle pickles such functions *by
 reference* (module and name), so every attempt would fail on the worker with
-``ModuleNotFoundError``. Here every module that is neither part of the standard library nor
-installed in the environment (site-packages, or a path an editable install put on
-``sys.path``) is registered with cloudpickle to be pickled *by value* while a task is pickled;
-modules such code imports inside a function body are shipped along and put in the worker's
+``ModuleNotFoundError``. For engines whose workers may not share this process's modules
+(``Capabilities.shares_modules`` False: cluster nodes, serverless functions), every module
+that is neither part of the standard library nor installed in the environment
+(site-packages, a path an editable install put on ``sys.path``, an installed distribution)
+is registered with cloudpickle to be pickled *by value* while tasks are pickled; modules such
+code imports inside a function body are shipped along and put in the worker's
 ``sys.modules`` before the task runs. Installed packages still travel by reference: the
-workers must have the same environment (``docs/clusters.md``).
+workers must have the same environment (``docs/clusters.md``). Pools on this machine keep
+plain cloudpickle: by value, module-level state (locks, large tables) would travel too.
 """
 
 from __future__ import annotations
@@ -20,17 +23,32 @@ import functools
 import glob
 import importlib.machinery
 import importlib.util
+import io
 import os
 import site
 import sys
 import sysconfig
+import threading
 import types
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
-__all__ = ["LocalCode", "dumps", "loads", "local_code_by_value", "local_modules"]
+__all__ = [
+    "LocalCode",
+    "dumps",
+    "for_workers",
+    "loads",
+    "local_code_by_value",
+    "local_modules",
+    "pack_exception",
+    "unpack_exception",
+]
 
 _OWN = __name__.partition(".")[0]
+
+_LOCK = threading.Lock()
+_REGISTERED: dict[str, int] = {}  # module name -> live LocalCode objects that registered it
+_SHIPPED = "__icechunk_distributed_shipped__"  # marks a module copy installed in a worker
 
 
 @functools.cache
@@ -59,7 +77,26 @@ def _module_file(module: types.ModuleType) -> str | None:
     if path is None:  # a namespace package: where its first portion lies
         portions = list(getattr(module, "__path__", []) or [])
         path = os.path.join(portions[0], "") if portions else None
-    return os.path.realpath(path) if path else None
+    return path
+
+
+def _under_roots(path: str) -> bool:
+    # Both spellings: a package symlinked into site-packages (Nix, Spack, uv's symlink
+    # mode) is installed where its link is, not where it points.
+    roots = _installed_roots()
+    return os.path.abspath(path).startswith(roots) or os.path.realpath(path).startswith(roots)
+
+
+@functools.cache
+def _distributed_names() -> frozenset[str]:
+    """Top-level names of installed distributions (slow: read once, only when needed).
+
+    Catches packages installed where no site directory is: ``PYTHONPATH`` trees of HPC
+    module systems, strict editable installs, zipapps.
+    """
+    import importlib.metadata
+
+    return frozenset(importlib.metadata.packages_distributions())
 
 
 def _is_local(name: str, module: types.ModuleType) -> bool:
@@ -71,7 +108,7 @@ def _is_local(name: str, module: types.ModuleType) -> bool:
     path = _module_file(module)
     if path is None or name in _editable_mappings():  # built in, frozen, editable install
         return False
-    return not path.startswith(_installed_roots())
+    return not _under_roots(path) and name not in _distributed_names()
 
 
 @functools.cache
@@ -116,14 +153,20 @@ class LocalCode:
     def __init__(self, modules: dict[str, types.ModuleType]) -> None:
         self.modules = dict(modules)
         self._added: list[types.ModuleType] = []
+        self._shippable: dict[str, bool] = {}
         for module in modules.values():
             self._register(module)
 
     def _register(self, module: types.ModuleType) -> None:
         import cloudpickle
 
-        if module.__name__ not in cloudpickle.list_registry_pickle_by_value():
-            cloudpickle.register_pickle_by_value(module)
+        with _LOCK:  # counted: two runs at once must not unregister each other's modules
+            count = _REGISTERED.get(module.__name__, 0)
+            if count == 0 and module.__name__ in cloudpickle.list_registry_pickle_by_value():
+                return  # registered by the user: theirs to keep
+            if count == 0:
+                cloudpickle.register_pickle_by_value(module)
+            _REGISTERED[module.__name__] = count + 1
             self._added.append(module)
 
     def find(self, name: str) -> types.ModuleType | None:
@@ -141,27 +184,51 @@ class LocalCode:
             except (ImportError, ValueError):
                 return None
             origin = spec.origin if spec else None
-            if not origin or os.path.realpath(origin).startswith(_installed_roots()):
+            if not origin or _under_roots(origin) or top in _distributed_names():
                 return None
-            module = importlib.import_module(top)
+            try:
+                module = importlib.import_module(top)
+            except Exception:  # e.g. needs a package only the workers have: theirs to find
+                return None
             if not _is_local(top, module):
                 return None
             self.modules[top] = module
             self._register(module)
         try:
             found = importlib.import_module(name)
-        except ImportError:
+        except Exception:  # not a module (a name imported from one), or fails here
             return None
         self.modules.setdefault(name, found)
         return found
+
+    def shippable(self, module: types.ModuleType) -> bool:
+        """Whether ``module`` pickles by value (its module-level objects do), cached.
+
+        A module imported inside some function body is shipped on the chance that the
+        function runs; one that cannot travel (a lock at module level, say) is left to
+        the worker's own import, as without shipping.
+        """
+        verdict = self._shippable.get(module.__name__)
+        if verdict is None:
+            try:
+                _pickler_class()(io.BytesIO(), self).dump(module)
+                verdict = True
+            except Exception:
+                verdict = False
+            self._shippable[module.__name__] = verdict
+        return verdict
 
     def close(self) -> None:
         """Unregister what was registered here."""
         import cloudpickle
 
-        for module in self._added:
-            with contextlib.suppress(ValueError):
-                cloudpickle.unregister_pickle_by_value(module)
+        with _LOCK:
+            for module in self._added:
+                _REGISTERED[module.__name__] -= 1
+                if _REGISTERED[module.__name__] == 0:
+                    del _REGISTERED[module.__name__]
+                    with contextlib.suppress(ValueError):
+                        cloudpickle.unregister_pickle_by_value(module)
         self._added = []
 
 
@@ -184,18 +251,23 @@ def local_code_by_value() -> Iterator[LocalCode]:
         code.close()
 
 
-def _imports_in(code: types.CodeType) -> Iterator[tuple[str, int]]:
-    """``(name, level)`` of every ``import`` statement in ``code`` and its nested code."""
-    # `import a.b` is: push level, push fromlist, IMPORT_NAME; the level is two steps back.
+@functools.lru_cache(maxsize=4096)
+def _imports_in(code: types.CodeType) -> tuple[tuple[str, int, tuple[str, ...]], ...]:
+    """``(name, level, fromlist)`` of every ``import`` in ``code`` and its nested code."""
+    found: list[tuple[str, int, tuple[str, ...]]] = []
+    # `import a.b` is: push level, push fromlist, IMPORT_NAME: the level two steps back.
     before: list[dis.Instruction] = []
     for ins in dis.get_instructions(code):
         if ins.opname == "IMPORT_NAME":
             level = before[-2].argval if len(before) >= 2 else 0
-            yield str(ins.argval), level if isinstance(level, int) else 0
+            names = before[-1].argval if before else None
+            fromlist = tuple(n for n in names or () if n != "*") if isinstance(names, tuple) else ()
+            found.append((str(ins.argval), level if isinstance(level, int) else 0, fromlist))
         before = [*before[-1:], ins]
     for const in code.co_consts:
         if isinstance(const, types.CodeType):
-            yield from _imports_in(const)
+            found.extend(_imports_in(const))
+    return tuple(found)
 
 
 @functools.cache
@@ -212,8 +284,8 @@ def _pickler_class() -> Any:
         def reducer_override(self, obj: Any) -> Any:
             if isinstance(obj, types.FunctionType):
                 _note_imports(obj, self.local, self.needs)
-            elif isinstance(obj, types.BuiltinFunctionType | type):
-                _check_compiled(obj, self.local)
+            else:  # compiled functions (builtins, Cython's), classes, and instances' classes
+                _check_compiled(obj if callable(obj) else type(obj), self.local)
             return super().reducer_override(obj)
 
     return Pickler
@@ -224,7 +296,7 @@ def _note_imports(fn: types.FunctionType, local: LocalCode, needs: dict[str, Any
     if top not in local.modules and top != "__main__":
         return  # pickled by reference: its imports are the worker's business
     package = fn.__globals__.get("__package__") or ""
-    for name, level in _imports_in(fn.__code__):
+    for name, level, fromlist in _imports_in(fn.__code__):
         try:
             full = importlib.util.resolve_name("." * level + name, package) if level else name
         except (ImportError, ValueError):
@@ -235,15 +307,19 @@ def _note_imports(fn: types.FunctionType, local: LocalCode, needs: dict[str, Any
             if module is None:
                 break
             needs.setdefault(module.__name__, module)
+        else:  # `from pkg import sub`: a submodule, or only a name (then nothing to ship)
+            for sub in fromlist:
+                module = local.find(f"{full}.{sub}")
+                if module is not None:
+                    needs.setdefault(module.__name__, module)
 
 
 def _check_compiled(obj: Any, local: LocalCode) -> None:
     """Refuse what only travels by reference from a compiled module the workers lack."""
-    top = (getattr(obj, "__module__", None) or "").partition(".")[0]
-    module = local.modules.get(top)
-    if module is None:
+    name = getattr(obj, "__module__", None)
+    if not isinstance(name, str) or name.partition(".")[0] not in local.modules:
         return
-    origin = getattr(sys.modules.get(obj.__module__), "__file__", None) or ""
+    origin = getattr(sys.modules.get(name), "__file__", None) or ""
     if origin.endswith(tuple(importlib.machinery.EXTENSION_SUFFIXES)):
         from icechunk_distributed.errors import UnpicklableSourceError
 
@@ -260,7 +336,12 @@ def _check_compiled(obj: Any, local: LocalCode) -> None:
 def _installed(modules: dict[str, types.ModuleType], obj: Any) -> Any:
     """In the worker: make shipped modules importable, then hand back the task."""
     for name, module in modules.items():
-        sys.modules[name] = module  # the coordinator's code wins over a stale copy
+        present = sys.modules.get(name)
+        # A copy shipped earlier is replaced (the coordinator's code wins over a stale
+        # one); a real module is not (in-process workers share the coordinator's).
+        if present is None or getattr(present, _SHIPPED, False):
+            setattr(module, _SHIPPED, True)
+            sys.modules[name] = module
     return obj
 
 
@@ -292,19 +373,42 @@ def dumps(obj: Any, local: LocalCode | None = None) -> bytes:
         by-value functions import inside their bodies come along and are installed in
         ``sys.modules`` first.
     """
-    import io
-
     if local is None:
         with local_code_by_value() as registered:
             return dumps(obj, registered)
-    buffer = io.BytesIO()
-    pickler = _pickler_class()(buffer, local)
-    pickler.dump(obj)
-    if not pickler.needs:
-        return buffer.getvalue()
-    buffer = io.BytesIO()
-    _pickler_class()(buffer, local).dump(_WithModules(dict(pickler.needs), obj))
-    return buffer.getvalue()
+    needs: dict[str, types.ModuleType] = {}
+    while True:  # shipped modules' functions may import more modules inside: until none new
+        buffer = io.BytesIO()
+        pickler = _pickler_class()(buffer, local)
+        pickler.dump(_WithModules(needs, obj) if needs else obj)
+        new = {n: m for n, m in pickler.needs.items() if n not in needs and local.shippable(m)}
+        if not new:
+            return buffer.getvalue()
+        needs = {**needs, **new}
+
+
+@contextlib.contextmanager
+def for_workers(*, by_value: bool) -> Iterator[Callable[[Any], bytes]]:
+    """The function that pickles task arguments for an engine's workers, for one run.
+
+    Parameters
+    ----------
+    by_value : bool
+        Ship the user's own modules by value (workers that may not import them: see
+        ``Capabilities.shares_modules``); otherwise plain ``cloudpickle.dumps``.
+
+    Yields
+    ------
+    callable
+        ``dumps(obj) -> bytes``.
+    """
+    import cloudpickle
+
+    if not by_value:
+        yield cloudpickle.dumps
+        return
+    with local_code_by_value() as code:
+        yield functools.partial(dumps, local=code)
 
 
 def loads(arg: Any) -> Any:
@@ -325,3 +429,47 @@ def loads(arg: Any) -> Any:
 
         return cloudpickle.loads(arg)
     return arg
+
+
+def pack_exception(exc: BaseException) -> bytes | None:
+    """``exc`` as cloudpickle bytes, or ``None`` if it cannot be pickled.
+
+    Parameters
+    ----------
+    exc : BaseException
+        A task's exception, in the worker.
+
+    Returns
+    -------
+    bytes or None
+        Bytes that :func:`unpack_exception` turns back into it on the coordinator.
+    """
+    import cloudpickle
+
+    try:
+        data: bytes = cloudpickle.dumps(exc)
+    except Exception:
+        return None
+    return data
+
+
+def unpack_exception(data: bytes) -> BaseException | None:
+    """The exception :func:`pack_exception` packed, or ``None`` if it cannot be rebuilt here.
+
+    Parameters
+    ----------
+    data : bytes
+        From :func:`pack_exception`.
+
+    Returns
+    -------
+    BaseException or None
+        The exception (its text and traceback travel separately, and always arrive).
+    """
+    import cloudpickle
+
+    try:
+        exc = cloudpickle.loads(data)
+    except Exception:  # e.g. a class whose __init__ takes other arguments than its args
+        return None
+    return exc if isinstance(exc, BaseException) else None

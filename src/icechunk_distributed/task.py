@@ -84,6 +84,20 @@ class TaskOutput:
     nbytes: int = 0
     retryable: bool = True
 
+    def __getstate__(self) -> dict[str, Any]:
+        # The exception travels as cloudpickle bytes: engines pickle results with plain
+        # pickle, which refuses a class shipped by value (the user's own exception class on
+        # a worker elsewhere); cloudpickle hands the coordinator's own class back.
+        state = dict(self.__dict__)
+        if state["exception"] is not None:
+            state["exception"] = shipping.pack_exception(state["exception"])
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        if isinstance(state.get("exception"), bytes):
+            state["exception"] = shipping.unpack_exception(state["exception"])
+        self.__dict__.update(state)
+
 
 def worker_name() -> str:
     """``host:pid:thread`` of the calling worker."""
@@ -306,13 +320,8 @@ def execute(inp: TaskInput) -> TaskOutput:
 
 def failed(index: int, exc: Exception, t0: float) -> TaskOutput:
     """A task's failure, as it travels home (call it inside the ``except`` block)."""
-    try:  # the exception travels home if it pickles; its text always does
-        import cloudpickle
-
-        cloudpickle.dumps(exc)
-        shipped: BaseException | None = exc
-    except Exception:
-        shipped = None
+    # The exception travels home if it pickles; its text always does.
+    shipped = exc if shipping.pack_exception(exc) is not None else None
     return TaskOutput(
         index,
         False,

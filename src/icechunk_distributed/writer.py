@@ -21,10 +21,7 @@ from icechunk_distributed import options
 from icechunk_distributed._version import __version__
 from icechunk_distributed.adapters import Adapter, Capabilities, open_adapter
 from icechunk_distributed.dispatch import region_write_error, run_region_tasks, shipped_size
-from icechunk_distributed.errors import (
-    CommitConflictError,
-    SessionStateError,
-)
+from icechunk_distributed.errors import CommitConflictError, SessionStateError
 from icechunk_distributed.metadata import eager_data, metadata_dataset, write_lazy, write_metadata
 from icechunk_distributed.planning import Region, WritePlan, build_plan, dims_of_regions
 from icechunk_distributed.progress import Progress
@@ -146,7 +143,7 @@ class RegionWriter:
         # engine limit check_picklable passed for.
         self._encodings: dict[str, dict[str, Any]] = {}
         self._item_bytes = 0
-        self._checked_limit: tuple[int | None] | None = None
+        self._checked_limit: tuple[int | None, bool] | None = None
         self._stage = _NEW
 
     @property
@@ -305,13 +302,15 @@ class RegionWriter:
             stored_dims=self._found.stored_dims,
         )
 
-    def check_picklable(self, max_arg_bytes: int | None = None) -> int:
+    def check_picklable(self, max_arg_bytes: int | None = None, *, by_value: bool = False) -> int:
         """Raise if tasks cannot be shipped to processes; return one task's payload bytes.
 
         Parameters
         ----------
         max_arg_bytes : int, optional
             The engine's limit on a call's arguments (Lithops' ``data_limit``).
+        by_value : bool, default False
+            Pickle the user's own modules by value (for workers elsewhere).
 
         Returns
         -------
@@ -327,11 +326,11 @@ class RegionWriter:
         """
         if not self.write_plan.regions:
             return 0
-        if self.loader is not None:
-            size = shipped_size(self.loader, "loader", max_arg_bytes)
-        else:
-            piece = self.task_input(0, None).piece  # type: ignore[arg-type]
-            size = shipped_size(piece, "source dataset", max_arg_bytes)
+        obj: Any = self.loader
+        if obj is None:
+            obj = self.task_input(0, None).piece  # type: ignore[arg-type]
+        what = "loader" if self.loader is not None else "source dataset"
+        size = shipped_size(obj, what, max_arg_bytes, by_value=by_value)
         self._item_bytes = size
         return size
 
@@ -344,9 +343,10 @@ class RegionWriter:
         """
         if caps.crosses_processes:
             self.session.check_shareable()
-        if caps.crosses_processes and self._checked_limit != (caps.max_arg_bytes,):
-            self.check_picklable(caps.max_arg_bytes)
-            self._checked_limit = (caps.max_arg_bytes,)
+        checked = (caps.max_arg_bytes, not caps.shares_modules)
+        if caps.crosses_processes and self._checked_limit != checked:
+            self.check_picklable(caps.max_arg_bytes, by_value=not caps.shares_modules)
+            self._checked_limit = checked
 
     # -- writing
     def write_metadata(self) -> None:

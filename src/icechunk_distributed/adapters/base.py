@@ -49,6 +49,11 @@ class Capabilities:
         :meth:`Adapter.map_unordered` takes ``poll`` and the ``None`` items that come with it,
         and allows one key in flight twice: the loop may then run backup copies of straggling
         tasks (:class:`~icechunk_distributed.runner.Backups`).
+    shares_modules : bool
+        The workers import what this process imports from its own ``sys.path`` (they run
+        on this machine and were started from this process: pools, a ``LocalCluster``).
+        If False (cluster nodes, serverless functions), the user's own modules travel by
+        value inside each task (:mod:`~icechunk_distributed.shipping`).
     """
 
     crosses_processes: bool
@@ -56,6 +61,7 @@ class Capabilities:
     per_call_overhead: float = 0.0
     max_arg_bytes: int | None = None
     supports_backups: bool = False
+    shares_modules: bool = True
 
 
 class ItemFeed:

@@ -172,7 +172,11 @@ class BeamAdapter(Adapter):
         results_location: str | None = None,
     ) -> None:
         import_engine("apache_beam", "beam")
-        from apache_beam.options.pipeline_options import PipelineOptions, StandardOptions
+        from apache_beam.options.pipeline_options import (
+            DirectOptions,
+            PipelineOptions,
+            StandardOptions,
+        )
 
         if pipeline is not None and options is not None:
             raise ValueError("BeamAdapter takes a pipeline or options, not both")
@@ -192,6 +196,7 @@ class BeamAdapter(Adapter):
         runner = self._runner or options.view_as(StandardOptions).runner
         self.runner_name = _runner_name(runner)
         self.local = self.runner_name in _LOCAL_RUNNERS
+        self._mode = options.view_as(DirectOptions).direct_running_mode
         self._workers = workers or _workers_of(options, self.local)
         self._owned_dir: str | None = None
         self.location = self._results_root(results_location)
@@ -245,7 +250,11 @@ class BeamAdapter(Adapter):
     @property
     def capabilities(self) -> Capabilities:
         """Tasks are pickled (Beam elements); a round is one pipeline, so no batching."""
-        return Capabilities(crosses_processes=True, parallelism=int(self._workers))
+        # Only the in-process runner's threads are sure to import what this process does.
+        in_process = self.local and self._mode in ("in_memory", "multi_threading")
+        return Capabilities(
+            crosses_processes=True, parallelism=int(self._workers), shares_modules=in_process
+        )
 
     def map_unordered(
         self,
@@ -304,6 +313,7 @@ class BeamAdapter(Adapter):
             result = pipeline.run()
             state = result.wait_until_finish()
         except Exception as exc:
+            _cancel(result)  # a remote job may still run after its client gave up
             error = BeamPipelineError(
                 f"the Beam pipeline of {n_tasks} task(s) failed on {self.runner_name}: "
                 f"{type(exc).__name__}: {exc}"

@@ -163,6 +163,9 @@ class LithopsAdapter(Adapter):
             per_call_overhead=0.4,
             max_arg_bytes=self.data_limit,
             supports_backups=self._backups,
+            # Functions run in Lithops' own runner, even on localhost: not from this
+            # process's directory or sys.path.
+            shares_modules=False,
         )
 
     def map_unordered(

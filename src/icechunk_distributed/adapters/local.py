@@ -92,6 +92,11 @@ class FuturesAdapter(Adapter):
         self._abandoned: set[Future[Any]] = set()
         self._factory = factory
         self._crosses = not isinstance(executor, ThreadPoolExecutor)
+        # Pools on this machine, started from this process, import what it imports; any
+        # other executor (MPIPoolExecutor, a cluster's executor) may run elsewhere.
+        self._local = isinstance(executor, ThreadPoolExecutor | ProcessPoolExecutor) or (
+            type(executor).__module__.startswith(("loky.", "joblib."))
+        )
         workers = getattr(executor, "_max_workers", None)
         self._parallelism = int(workers) if workers else (os.cpu_count() or 1)
         self.name = {
@@ -125,7 +130,10 @@ class FuturesAdapter(Adapter):
     def capabilities(self) -> Capabilities:
         """Thread pools share memory; everything else pickles tasks."""
         return Capabilities(
-            crosses_processes=self._crosses, parallelism=self._parallelism, supports_backups=True
+            crosses_processes=self._crosses,
+            parallelism=self._parallelism,
+            supports_backups=True,
+            shares_modules=self._local,
         )
 
     def map_unordered(
