@@ -345,3 +345,24 @@ def test_two_runs_at_once_keep_each_others_registration(project_on_path):
         # ...and the outer one still ships by value.
         assert len(shipping.dumps(helpers.triple, first)) > 200
     assert "helpers" not in cloudpickle.list_registry_pickle_by_value()
+
+
+@pytest.mark.ray
+def test_a_local_ray_of_this_process_shares_modules(ray_engine):
+    # Pins the private Ray attribute the adapter reads (ray._private.worker._global_node
+    # .ray_init_cluster): if it changes, the adapter ships by value everywhere (safe, slower)
+    # and this fails.
+    from icechunk_distributed.adapters.ray import RayAdapter
+
+    assert RayAdapter().capabilities.shares_modules is True
+
+
+@pytest.mark.dask
+def test_a_local_dask_cluster_shares_modules(dask_client):
+    from icechunk_distributed.adapters.dask import DaskAdapter
+
+    assert DaskAdapter(dask_client).capabilities.shares_modules is True
+    # Its concurrent.futures face is an executor like any other: it may run anywhere.
+    from icechunk_distributed.adapters import get_adapter
+
+    assert get_adapter(dask_client.get_executor()).capabilities.shares_modules is False
