@@ -170,3 +170,26 @@ def test_dask_client_that_is_not_the_default(tmp_path):
     ):
         run_region_writes(ds, repo, executor=client, encoding=ENC, progress=False)
     xr.testing.assert_identical(read_back(repo), ds)
+
+
+def _adapter_inside_a_task(n):
+    from icechunk_distributed.adapters.dask import DaskAdapter
+
+    adapter = DaskAdapter()  # the worker's own client
+    return sorted(
+        result for _, result in adapter.map_unordered(lambda x: x * x, enumerate(range(n)))
+    )
+
+
+@pytest.mark.dask
+def test_dask_adapter_inside_a_task_of_a_one_thread_worker():
+    # The waiting task leaves the worker's thread pool: its own tasks can run on that thread.
+    distributed = pytest.importorskip("distributed")
+    with (
+        distributed.LocalCluster(
+            n_workers=1, threads_per_worker=1, processes=True, dashboard_address=":0"
+        ) as cluster,
+        distributed.Client(cluster, set_as_default=False) as client,
+    ):
+        outer = client.submit(_adapter_inside_a_task, 4, pure=False)
+        assert outer.result(timeout=240) == [0, 1, 4, 9]

@@ -10,6 +10,7 @@ directory. The multi-node clusters of ``test_clusters.py`` exercise the same pat
 
 from __future__ import annotations
 
+import os
 import pathlib
 import subprocess
 import sys
@@ -347,22 +348,47 @@ def test_two_runs_at_once_keep_each_others_registration(project_on_path):
     assert "helpers" not in cloudpickle.list_registry_pickle_by_value()
 
 
-@pytest.mark.ray
-def test_a_local_ray_of_this_process_shares_modules(ray_engine):
-    # Pins the private Ray attribute the adapter reads (ray._private.worker._global_node
-    # .ray_init_cluster): if it changes, the adapter ships by value everywhere (safe, slower)
-    # and this fails.
-    from icechunk_distributed.adapters.ray import RayAdapter
-
-    assert RayAdapter().capabilities.shares_modules is True
-
-
 @pytest.mark.dask
-def test_a_local_dask_cluster_shares_modules(dask_client):
+def test_only_a_cluster_started_for_the_run_shares_modules(dask_client):
+    # A LocalCluster made earlier has the sys.path of then: a directory added since (a
+    # notebook's sys.path.insert) is missing on its workers, so the user's modules go by value.
+    from icechunk_distributed.adapters import get_adapter
     from icechunk_distributed.adapters.dask import DaskAdapter
 
-    assert DaskAdapter(dask_client).capabilities.shares_modules is True
-    # Its concurrent.futures face is an executor like any other: it may run anywhere.
-    from icechunk_distributed.adapters import get_adapter
-
+    assert DaskAdapter(dask_client).capabilities.shares_modules is False
     assert get_adapter(dask_client.get_executor()).capabilities.shares_modules is False
+
+
+def test_a_module_added_to_sys_path_at_run_time_reaches_a_local_ray(tmp_path):
+    # Ray's local workers see this process's working and script directories only.
+    pytest.importorskip("ray")
+    late = tmp_path / "late"
+    late.mkdir()
+    (late / "latemod.py").write_text("def square(x):\n    return x * x\n")
+    code = textwrap.dedent(
+        f"""
+        import sys
+        import ray
+        import icechunk_distributed as icd
+        from icechunk_distributed.adapters.ray import RayAdapter
+        sys.path.insert(0, {str(late)!r})
+        import latemod
+        from icechunk_distributed import shipping
+        adapter = RayAdapter(num_cpus=1)
+        with shipping.for_workers(by_value=not adapter.capabilities.shares_modules) as dumps:
+            arg = dumps(lambda: latemod.square(7))
+        out = list(adapter.map_unordered(lambda a: shipping.loads(a)(), [(0, arg)]))
+        adapter.close()
+        print("result", out[0][1])
+        """
+    )
+    run = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+        cwd=tmp_path,
+        env={**os.environ, "RAY_USAGE_STATS_ENABLED": "0"},
+    )
+    assert "result 49" in run.stdout, run.stderr[-2000:]

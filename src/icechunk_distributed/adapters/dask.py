@@ -21,6 +21,12 @@ __all__ = ["DaskAdapter"]
 _RECOUNT = 1.0
 """Seconds between looks at the client and its workers while waiting for completions."""
 
+NO_WORKERS_TIMEOUT = 120.0
+"""Seconds a run waits, with tasks in flight, on a scheduler that had workers and has none
+left (all lost, or a scheduler restarted in the client's reconnect window: workers do not
+join a new scheduler) before it fails with ``ConnectionError``. A cluster that starts with
+no workers (adaptive, queued batch jobs) is waited for without limit until it has some."""
+
 
 class DaskAdapter(Adapter):
     """Run tasks on a dask ``Client``: given, current, configured, or a local cluster's.
@@ -62,6 +68,10 @@ class DaskAdapter(Adapter):
     ) -> None:
         distributed = import_engine("distributed", "dask")
         self._owned: list[Any] = []
+        # Whether the workers import what this process imports: only for the LocalCluster
+        # started below. A user's LocalCluster has the sys.path of when it started (not a
+        # directory added since); any other scheduler's workers run anywhere.
+        self._local = False
         if client is None and address is None:
             try:
                 client = distributed.get_client()
@@ -78,21 +88,20 @@ class DaskAdapter(Adapter):
                     )
                     client = distributed.Client(cluster)
                     self._owned = [client, cluster]
+                    # Its workers were spawned now, with this process's sys.path as it is.
+                    self._local = True
         if client is None:
             client = distributed.Client(address, set_as_default=False)
             self._owned = [client]
         self.client = client
         self._address = getattr(client.scheduler, "address", None) or address
-        # A LocalCluster of this process: its workers were spawned from here and import what
-        # this process imports. Any other scheduler's workers may run anywhere.
-        self._local = isinstance(getattr(client, "cluster", None), distributed.LocalCluster)
 
     @property
     def capabilities(self) -> Capabilities:
         """Tasks cross processes; one per worker thread runs at once.
 
-        The workers of a ``LocalCluster`` of this process import what it imports; those of
-        any other scheduler get the user's own modules by value
+        The workers of the ``LocalCluster`` the adapter started import what this process
+        imports; every other client's workers get the user's own modules by value
         (:mod:`~icechunk_distributed.shipping`).
         """
         try:
@@ -115,6 +124,25 @@ class DaskAdapter(Adapter):
         ``distributed.comm.timeouts.connect`` (30 s by default), then closes itself.
         """
         return self.client.status not in ("closing", "closed")
+
+    def _check_idle(self, seen: list[float | None], waiting: int) -> None:
+        """Raise if the client is lost, or its workers have been gone too long."""
+        if not self._usable():
+            raise self._scheduler_lost()
+        if self._has_workers():
+            seen[0] = time.monotonic()
+        elif seen[0] is not None and time.monotonic() - seen[0] > NO_WORKERS_TIMEOUT:
+            raise ConnectionError(
+                f"the dask scheduler at {self._address} has had no workers for "
+                f"{NO_WORKERS_TIMEOUT:.0f} s with {waiting} task(s) waiting (workers lost, "
+                "or the scheduler restarted: workers do not join a new one). Start workers "
+                "and call again (with the same run_id= to keep the regions written)."
+            )
+
+    def _has_workers(self) -> bool:
+        with contextlib.suppress(Exception):  # a reconnecting client: judged by _usable
+            return bool(self.client.nthreads())
+        return True
 
     def _scheduler_lost(self) -> ConnectionError:
         return ConnectionError(
@@ -169,10 +197,16 @@ class DaskAdapter(Adapter):
             with queue.thread_condition:
                 queue.thread_condition.wait_for(queue.has_ready, timeout=wait)
             batch = list(queue.next_batch(block=False))
-            if not batch and not self._usable():
-                raise self._scheduler_lost()
+            if not batch:
+                self._check_idle(seen, len(keys))
             return batch
 
+        seen = [time.monotonic() if self._has_workers() else None]  # workers last seen
+
+        # Called from inside a dask task, the waiting task would hold its worker thread:
+        # on a one-thread worker its own tasks could never start. Leave the thread pool
+        # while waiting, as dask's worker_client does.
+        seceded = _secede_if_in_task(distributed)
         try:
             top_up()
             while keys:
@@ -191,9 +225,19 @@ class DaskAdapter(Adapter):
             for future in keys:
                 with contextlib.suppress(Exception):  # a closed client: nothing to cancel
                     future.cancel()
+            if seceded:
+                distributed.rejoin()
 
     def close(self) -> None:
         """Close the client and cluster if this adapter started them."""
         for thing in self._owned:
             thing.close()
         self._owned = []
+
+
+def _secede_if_in_task(distributed: Any) -> bool:
+    """Leave the worker's thread pool if this thread runs a dask task; whether it did."""
+    if getattr(distributed.worker.thread_state, "key", None) is None:
+        return False
+    distributed.secede()
+    return True

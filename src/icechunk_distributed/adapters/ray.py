@@ -78,7 +78,6 @@ class RayAdapter(Adapter):
             self._started = True
         self._max_in_flight = max_in_flight
         self._cpus = _count_cpus(ray)
-        self._local = _started_by_this_process(ray)
 
     @property
     def _in_flight(self) -> int:
@@ -88,15 +87,16 @@ class RayAdapter(Adapter):
     def capabilities(self) -> Capabilities:
         """Tasks cross processes; one per CPU runs at once.
 
-        The workers of a local Ray that this process started import what it imports; those
-        of a cluster get the user's own modules by value
-        (:mod:`~icechunk_distributed.shipping`).
+        The user's own modules travel by value (:mod:`~icechunk_distributed.shipping`),
+        even to a local Ray this process started: its workers put only this process's
+        working and script directories on their ``sys.path``, not directories added at run
+        time (a notebook's ``sys.path.insert``), and a cluster's nodes have neither.
         """
         return Capabilities(
             crosses_processes=True,
             parallelism=self._cpus,
             supports_backups=True,
-            shares_modules=self._local,
+            shares_modules=False,
         )
 
     def map_unordered(
@@ -156,18 +156,3 @@ class RayAdapter(Adapter):
 def _count_cpus(ray: Any) -> int:
     """The CPUs of the cluster's live nodes (at least 1)."""
     return max(1, int(ray.cluster_resources().get("CPU", 1)))
-
-
-def _started_by_this_process(ray: Any) -> bool:
-    """Whether this process started the Ray it drives (``ray.init()`` without an address).
-
-    Its raylet inherited this process's environment and its workers get its working
-    directory on ``sys.path``: they import what this process imports. A cluster's nodes
-    (``ray start``, ``ray.init(address=...)``, ``ray://``) do not. Read from Ray's private
-    node object; if that changes, the answer is False (shipping by value is always safe).
-    """
-    try:
-        node = ray._private.worker._global_node
-        return bool(node is not None and node.ray_init_cluster)
-    except Exception:
-        return False
