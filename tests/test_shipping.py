@@ -349,14 +349,19 @@ def test_two_runs_at_once_keep_each_others_registration(project_on_path):
 
 
 @pytest.mark.dask
-def test_only_a_cluster_started_for_the_run_shares_modules(dask_client):
+def test_only_a_cluster_started_for_the_run_shares_modules():
     # A LocalCluster made earlier has the sys.path of then: a directory added since (a
     # notebook's sys.path.insert) is missing on its workers, so the user's modules go by value.
+    distributed = pytest.importorskip("distributed")
     from icechunk_distributed.adapters import get_adapter
     from icechunk_distributed.adapters.dask import DaskAdapter
 
-    assert DaskAdapter(dask_client).capabilities.shares_modules is False
-    assert get_adapter(dask_client.get_executor()).capabilities.shares_modules is False
+    with (
+        distributed.LocalCluster(n_workers=1, processes=False, dashboard_address=":0") as cluster,
+        distributed.Client(cluster, set_as_default=False) as client,
+    ):
+        assert DaskAdapter(client).capabilities.shares_modules is False
+        assert get_adapter(client.get_executor()).capabilities.shares_modules is False
 
 
 def test_a_module_added_to_sys_path_at_run_time_reaches_a_local_ray(tmp_path):

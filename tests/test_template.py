@@ -182,8 +182,13 @@ def test_a_loader_returning_another_region_is_refused_without_retries(repo):
 
 
 def _to_zarr(ds, repo, **kwargs):
+    import dask
+
     session = repo.writable_session("main")
-    ds.to_zarr(session.store, consolidated=False, **kwargs)
+    # The reference write, in this process whatever dask client another test left current
+    # (a distributed client would have to pickle the writable session).
+    with dask.config.set(scheduler="synchronous"):
+        ds.to_zarr(session.store, consolidated=False, **kwargs)
     session.commit("to_zarr")
 
 
