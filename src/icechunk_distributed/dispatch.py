@@ -221,13 +221,14 @@ def shipped_size(obj: Any, what: str, max_arg_bytes: int | None, *, by_value: bo
     PayloadTooLargeError
         It is over :data:`~icechunk_distributed.runner.ARG_HEADROOM` of ``max_arg_bytes``.
     """
-    local = sorted(shipping.local_modules()) if by_value else []
     try:
         with shipping.for_workers(by_value=by_value) as dumps:
             size = len(dumps(obj))
     except UnpicklableSourceError:
         raise
     except Exception as exc:
+        # Listed only for the message: the scan of sys.modules is not repeated on success.
+        local = sorted(shipping.local_modules()) if by_value else []
         shipped = (
             f" For this executor's workers, which may not import them, the modules beside "
             f"your script ({', '.join(local)}) travel by value, module-level objects "
