@@ -4,15 +4,14 @@ from __future__ import annotations
 
 import multiprocessing
 import os
+import queue
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import (
-    FIRST_COMPLETED,
     BrokenExecutor,
     Executor,
     Future,
     ProcessPoolExecutor,
     ThreadPoolExecutor,
-    wait,
 )
 from typing import Any
 
@@ -147,21 +146,26 @@ class FuturesAdapter(Adapter):
         limit = IN_FLIGHT_PER_WORKER * self._parallelism
         feed = ItemFeed(items)
         pending: dict[Future[Any], tuple[Any, Executor]] = {}
+        # Futures report here as they finish: one queue operation per task, where
+        # concurrent.futures.wait installs a waiter on every pending future at every call.
+        finished: queue.SimpleQueue[Future[Any]] = queue.SimpleQueue()
         try:
             while True:
                 while len(pending) < limit and (item := feed.pull()) is not None:
                     key, arg = item
                     pool = self.executor
                     try:
-                        pending[pool.submit(fn, arg)] = (key, pool)
+                        future = pool.submit(fn, arg)
                     except Exception as exc:  # the pool is broken or shut down
                         if isinstance(exc, BrokenExecutor):
                             self._renew(pool)
                         yield key, exc
+                    else:
+                        pending[future] = (key, pool)
+                        future.add_done_callback(finished.put)
                 if not pending:
                     return
-                done, _ = wait(pending, timeout=poll, return_when=FIRST_COMPLETED)
-                for future in done:
+                for future in _completed(finished, poll):
                     key, pool = pending.pop(future)
                     try:
                         result = future.result()
@@ -181,3 +185,16 @@ class FuturesAdapter(Adapter):
         """Shut the pool down if the adapter made it, without waiting for abandoned tasks."""
         if self.owned:
             self.executor.shutdown(wait=not self._abandoned, cancel_futures=True)
+
+
+def _completed(finished: queue.SimpleQueue[Future[Any]], poll: float | None) -> list[Future[Any]]:
+    """The futures finished by now: waits up to ``poll`` seconds (None: forever) for one."""
+    try:
+        done = [finished.get(timeout=poll)]
+    except queue.Empty:
+        return []
+    while True:
+        try:
+            done.append(finished.get_nowait())
+        except queue.Empty:
+            return done
