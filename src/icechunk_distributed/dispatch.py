@@ -117,7 +117,7 @@ def run_region_tasks(
 
         loop = TaskLoop(
             adapter,
-            fn if batch_size is None else functools.partial(run_batch, fn),
+            functools.partial(run_batch, fn),
             retries=retries,
             is_success=lambda out: isinstance(out, TaskOutput) and out.ok,
             describe_error=describe_result,

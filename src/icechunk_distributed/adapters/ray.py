@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import inspect
 import os
 import time
 from collections.abc import Callable, Iterable, Iterator
@@ -112,6 +113,8 @@ class RayAdapter(Adapter):
         second: nodes that join during the run get tasks.
         """
         ray = import_engine("ray", "ray")
+        if not inspect.isfunction(fn):  # ray.remote takes functions only (not a partial)
+            fn = _as_function(fn)
         remote = ray.remote(fn).options(max_retries=0, retry_exceptions=False)
         feed = ItemFeed(items)
         pending: dict[Any, Any] = {}
@@ -156,3 +159,14 @@ class RayAdapter(Adapter):
 def _count_cpus(ray: Any) -> int:
     """The CPUs of the cluster's live nodes (at least 1)."""
     return max(1, int(ray.cluster_resources().get("CPU", 1)))
+
+
+def _as_function(fn: Callable[[Any], Any]) -> Callable[[Any], Any]:
+    """``fn`` (a partial, say) as a plain function, named after what it calls."""
+
+    def call(arg: Any) -> Any:
+        return fn(arg)
+
+    inner = getattr(fn, "func", fn)
+    call.__name__ = call.__qualname__ = getattr(inner, "__name__", "task")
+    return call
