@@ -21,9 +21,11 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 import icechunk
+import numpy as np
 
 from icechunk_distributed.errors import ForeignSessionError, OverlappingWritesError
 from icechunk_distributed.forks import ChunkCoords, Fork, chunk_bytes, chunk_content, node_bytes
+from icechunk_distributed.owners import NOBODY, ChunkOwners, coords_array
 
 if TYPE_CHECKING:
     from collections.abc import Collection
@@ -76,15 +78,24 @@ class Ledger:
     """What has been merged into one target, for the overlap rule across merge calls."""
 
     version: int = 0
-    # path -> chunk -> (uid of the fork that last wrote it, version its write was merged at)
-    chunks: dict[str, dict[ChunkCoords, tuple[str, int]]] = field(default_factory=dict)
-    nodes: dict[str, tuple[str, int]] = field(default_factory=dict)
+    # path -> who last wrote each chunk (a fork number, see `number`), and the version its
+    # write was merged at; compact arrays (owners.py)
+    chunks: dict[str, ChunkOwners] = field(default_factory=dict)
+    numbers: dict[str, int] = field(default_factory=dict)  # fork uid -> fork number
+    nodes: dict[str, tuple[int, int]] = field(default_factory=dict)  # path -> (fork, version)
     merged: set[str] = field(default_factory=set)  # uids of frozen forks already merged
     # live forks: the keys each has merged before (a re-merge does not re-check them)
     own: dict[str, set[Write]] = field(default_factory=dict)
     # a raw icechunk fork's base snapshot id -> the version when it was first seen
     raw_seen: dict[str, int] = field(default_factory=dict)
     lock: threading.RLock = field(default_factory=threading.RLock)
+
+    def number(self, uid: str) -> int:
+        """The fork's number in :attr:`chunks` (given on first use)."""
+        n = self.numbers.get(uid)
+        if n is None:
+            n = self.numbers[uid] = len(self.numbers)
+        return n
 
     def seen_of(self, fork: Fork) -> int:
         """The version ``fork`` was made from; for a raw fork, looked up by its base."""
@@ -270,29 +281,28 @@ def _is_new(ledger: Ledger, fork: Fork, changes: Changes) -> bool:
 
 
 def _record(ledger: Ledger, fork: Fork, changes: Changes, version: int) -> None:
-    entry = (fork.uid, version)
+    number = ledger.number(fork.uid)
     if not fork.live:
         for path, coords in changes.chunks.items():
-            owners = ledger.chunks.setdefault(path, {})
-            for c in coords:
-                owners[c] = entry
+            if coords:
+                owners = ledger.chunks.setdefault(path, ChunkOwners())
+                owners.record(coords_array(coords, len(coords[0])), number, version)
         for path in changes.nodes:
-            ledger.nodes[path] = entry
+            ledger.nodes[path] = (number, version)
         if fork.seen is not None:  # a raw fork has no identity across calls
             ledger.merged.add(fork.uid)
         return
     own = ledger.own.setdefault(fork.uid, set())
     for path, coords in changes.chunks.items():
-        owners = ledger.chunks.setdefault(path, {})
-        for c in coords:
-            w = ("c", path, c)
-            if w not in own:
-                owners[c] = entry
-                own.add(w)
+        new = [c for c in coords if ("c", path, c) not in own]
+        if new:
+            owners = ledger.chunks.setdefault(path, ChunkOwners())
+            owners.record(coords_array(new, len(new[0])), number, version)
+            own.update(("c", path, c) for c in new)
     for path in changes.nodes:
         w = ("n", path, ())
         if w not in own:
-            ledger.nodes[path] = entry
+            ledger.nodes[path] = (number, version)
             own.add(w)
 
 
@@ -330,10 +340,14 @@ def _check_overlaps(
     first: dict[str, dict[Key, Item]] = {"c": {}, "n": {}}
 
     def check(
-        kind: str, path: str, c: ChunkCoords, owner: tuple[str, int] | None, item: Item
+        kind: str, path: str, c: ChunkCoords, owner: tuple[int, int] | None, item: Item
     ) -> None:
         fork, _, name = item
-        if owner is not None and owner[0] != fork.uid and seen_of[fork.uid] < owner[1]:
+        if (
+            owner is not None
+            and owner[0] != ledger.number(fork.uid)
+            and seen_of[fork.uid] < owner[1]
+        ):
             # An earlier merge this fork could not see wrote it too.
             write = (kind, path, c)
             mine, theirs = _stored(fork.session(), write), _stored(target.session, write)
@@ -351,18 +365,62 @@ def _check_overlaps(
         if mine != theirs:
             conflict(write, name, other_name, mine, theirs)
 
-    empty: dict[ChunkCoords, tuple[str, int]] = {}
+    if any(item[0].live for item in todo):
+        for item in todo:  # a live fork's earlier writes are its own: chunk by chunk
+            own = ledger.own.get(item[0].uid, nobody)
+            for path, coords in changes_of[item[0].uid].chunks.items():
+                owners = ledger.chunks.get(path)
+                for c in coords:
+                    if not own or ("c", path, c) not in own:
+                        check("c", path, c, owners.get(c) if owners else None, item)
+    else:
+        for path, k, item in _suspects(ledger, todo, changes_of, seen_of):
+            owners = ledger.chunks.get(path)
+            check("c", path, k, owners.get(k) if owners else None, item)
     for item in todo:
-        uid = item[0].uid
-        own = ledger.own.get(uid, nobody)  # a live fork's earlier writes are its own
-        changes = changes_of[uid]
-        for path, coords in changes.chunks.items():
-            owners = ledger.chunks.get(path, empty)
-            for c in coords:
-                if not own or ("c", path, c) not in own:
-                    check("c", path, c, owners.get(c), item)
-        for path in changes.nodes:
+        own = ledger.own.get(item[0].uid, nobody)
+        for path in changes_of[item[0].uid].nodes:
             if ("n", path, ()) not in own:
                 check("n", path, (), ledger.nodes.get(path), item)
     if conflicts:
         raise _describe_overlaps(conflicts, described)
+
+
+def _suspects(
+    ledger: Ledger, todo: list[Item], changes_of: dict[str, Changes], seen_of: dict[str, int]
+) -> list[tuple[str, ChunkCoords, Item]]:
+    """The chunks of frozen forks that need a closer look, in merge order.
+
+    Those an earlier merge wrote that the fork could not see, and those two forks of this
+    call both wrote: found for all the call's chunks of an array at once (numpy), so that a
+    merge costs a few array operations rather than a dict lookup per chunk.
+    """
+    by_path: dict[str, list[tuple[int, list[ChunkCoords]]]] = {}
+    for n, (fork, _, _) in enumerate(todo):
+        for path, coords in changes_of[fork.uid].chunks.items():
+            if coords:
+                by_path.setdefault(path, []).append((n, coords))
+    out: list[tuple[int, int, str, ChunkCoords]] = []
+    for path, parts in by_path.items():
+        ndim = len(parts[0][1][0])
+        rows = np.concatenate([coords_array(c, ndim) for _, c in parts])
+        item_of = np.repeat([n for n, _ in parts], [len(c) for _, c in parts])
+        suspect = np.zeros(len(rows), dtype=bool)
+        owners = ledger.chunks.get(path)
+        if owners is not None:
+            forks, versions = owners.lookup(rows)
+            mine = np.asarray([ledger.number(f.uid) for f, _, _ in todo], dtype=np.int32)
+            seen = np.asarray([seen_of[f.uid] for f, _, _ in todo], dtype=np.int64)
+            suspect |= (forks != NOBODY) & (forks != mine[item_of]) & (seen[item_of] < versions)
+        if len(parts) > 1:
+            if ndim == 0:
+                suspect[:] = True
+            else:
+                _, inverse, counts = np.unique(
+                    rows, axis=0, return_inverse=True, return_counts=True
+                )
+                suspect |= counts[inverse.reshape(-1)] > 1
+        for k in np.flatnonzero(suspect).tolist():
+            out.append((int(item_of[k]), k, path, tuple(rows[k].tolist())))
+    out.sort(key=lambda t: (t[0], t[1]))  # item by item, as the forks are merged
+    return [(path, c, todo[n]) for n, _, path, c in out]
