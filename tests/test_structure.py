@@ -55,7 +55,10 @@ def test_the_backup_rule_waits_for_enough_finished_tasks_and_a_yardstick():
 
 def test_batches_fill_each_worker_twice_and_respect_the_payload_limit():
     caps = Capabilities(crosses_processes=True, parallelism=4, per_call_overhead=1.0)
-    assert batch_rule(Capabilities(crosses_processes=True, parallelism=4), 100) is None
+    cheap = batch_rule(Capabilities(crosses_processes=True, parallelism=4), 100)
+    assert cheap(127) == 1  # cheap calls: one task each, until a round is much bigger
+    assert cheap(128 * 3) == 3  # still 32 calls per worker slot
+    assert cheap(1_000_000) == 16  # at most 16 tasks per call
     assert batch_rule(caps, 0)(80) == 10  # 80 tasks, 2 calls per worker
     limited = Capabilities(**{**caps.__dict__, "max_arg_bytes": 100_000})
     assert batch_rule(limited, 20_000)(80) == 3  # 0.8 x 100 kB / (20 kB + framing)

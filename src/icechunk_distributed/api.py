@@ -19,6 +19,11 @@ import xarray as xr
 
 from icechunk_distributed import options
 from icechunk_distributed.adapters import open_adapter
+from icechunk_distributed.commitsize import (
+    DEFAULT_MAX_CHUNKS_PER_COMMIT,
+    check_max_chunks_per_commit,
+    must_split,
+)
 from icechunk_distributed.planning import Region
 from icechunk_distributed.progress import Progress
 from icechunk_distributed.results import WriteResult
@@ -108,6 +113,7 @@ def run_region_writes(
     run_id: str | None = None,
     checkpoint_every: float = 10.0,
     backups: Backups | bool | None = None,
+    max_chunks_per_commit: int | None = DEFAULT_MAX_CHUNKS_PER_COMMIT,
 ) -> WriteResult:
     """Write ``source`` into an Icechunk repository region-parallel, and commit once.
 
@@ -178,6 +184,15 @@ def run_region_writes(
         Launch a backup copy of tasks running far longer than their peers (``True`` for the
         defaults of :class:`~icechunk_distributed.Backups`); the first copy to finish
         wins and the other is never merged. Off by default.
+    max_chunks_per_commit : int or None, default 10_000_000
+        The most chunk references (chunks or shards) one commit may hold: Icechunk warns
+        above 50 million in one commit and has failed near 72 million. A write whose plan
+        holds more commits in steps on a work branch, as a ``run_id`` run does (and, with
+        ``run_id``, checkpoints before a merge could pass the limit), then moves the target
+        branch to the last step at once, so readers never see a partial write. A session
+        target or ``commit=False`` cannot be split: over the limit they are refused before
+        anything is written, as is a single region over it (lower ``task_size``). None: no
+        limit. See ``docs/reliability.md``.
 
     Returns
     -------
@@ -195,25 +210,27 @@ def run_region_writes(
         With ``run_id``: the target branch moved during the run; it was not overwritten.
     RunMismatchError
         With ``run_id``: the stored run was planned with other arguments.
+    ValueError
+        Over ``max_chunks_per_commit`` with a target that cannot commit in steps, or one
+        region over it; nothing was written.
     """
     t0 = time.perf_counter()
     message = options.check_message(message)
     metadata = options.check_metadata(metadata)
     workers = options.check_workers(workers)
     every, policy = _check_run_options(target, branch, checkpoint_every, backups)
+    limit = check_max_chunks_per_commit(max_chunks_per_commit)
     run = None if run_id is None else _open_run(target, run_id, branch, commit)
     n_resumed = 0
     snapshot_id: str | None
     written_to: str | None = None
-    with _undo_on_failure() as rollback:
-        if run is not None:
-            run.start()
-            rollback(run.abandon)  # bad arguments or a failure: leave no empty work branch
-        writer = RegionWriter(
+
+    def make_writer(on: str) -> RegionWriter:
+        return RegionWriter(
             source,
             target,
             template=template,
-            branch=branch if run is None else run.session_branch,
+            branch=on,
             group=group,
             mode=mode,
             append_dim=append_dim,
@@ -225,11 +242,27 @@ def run_region_writes(
             retries=retries,
             progress=progress,
         )
-        if run is not None:  # plan against the target as it was when the run started
-            writer.reference = run.repo.readonly_session(snapshot_id=run.base)
+
+    with _undo_on_failure() as rollback:
+        if run is not None:
+            run.start()
+            rollback(run.abandon)  # bad arguments or a failure: leave no empty work branch
+        writer = make_writer(branch if run is None else run.session_branch)
         rollback(writer.discard)  # nothing was committed: drop it all
         with open_adapter(executor, workers=workers) as adapter:
-            if run is not None:
+            if run is None:
+                writer.plan(**writer.limits_for(adapter.capabilities))
+                if must_split(writer, target, limit, commit=commit):  # refuses if it cannot
+                    assert isinstance(target, icechunk.Repository)
+                    # Over the limit: an internal run commits in steps on its work branch and
+                    # publishes once. This writer only planned; a new one writes there.
+                    run = ResumableRun.open_internal(target, branch)
+                    run.start()
+                    rollback(run.abandon)
+                    writer = make_writer(run.session_branch)
+                    rollback(writer.discard)
+            if run is not None:  # plan against the target as it was when the run started
+                writer.reference = run.repo.readonly_session(snapshot_id=run.base)
                 snapshot_id, records, n_resumed = write_resumable(
                     writer,
                     run,
@@ -238,9 +271,9 @@ def run_region_writes(
                     metadata=metadata,
                     checkpoint_every=every,
                     backups=policy,
+                    max_chunks=limit,
                 )
             else:
-                writer.plan(**writer.limits_for(adapter.capabilities))
                 writer.check_engine(adapter.capabilities)
                 writer.write_metadata()
                 records = writer.write_regions(adapter, backups=policy)

@@ -22,6 +22,10 @@ import xarray as xr
 from icechunk_distributed import options as opts
 from icechunk_distributed.adapters import open_adapter
 from icechunk_distributed.api import plan_regions, run_region_writes
+from icechunk_distributed.commitsize import (
+    DEFAULT_MAX_CHUNKS_PER_COMMIT,
+    check_max_chunks_per_commit,
+)
 from icechunk_distributed.containers import check_containers
 from icechunk_distributed.errors import TemplateMismatchError
 from icechunk_distributed.filemap import (
@@ -372,6 +376,7 @@ def ingest(
     virtual: bool = False,
     parser: Any = None,
     loadable_variables: Sequence[str] = (),
+    max_chunks_per_commit: int | None = DEFAULT_MAX_CHUNKS_PER_COMMIT,
 ) -> IngestResult:
     """Write many source files into one dataset, in parallel, and commit once.
 
@@ -412,9 +417,10 @@ def ingest(
         ``access_key_id``, ``secret_access_key``, ``skip_signature``, ``allow_http``). Never
         shown in messages.
     branch, group, task_size, encoding, message, metadata, retries, progress, workers, \
-run_id, checkpoint_every, backups
+run_id, checkpoint_every, backups, max_chunks_per_commit
         As in :func:`~icechunk_distributed.run_region_writes`. With ``run_id`` an ingest
-        that failed or was killed resumes where it stopped.
+        that failed or was killed resumes where it stopped; over ``max_chunks_per_commit``
+        chunk references (virtual ones too) it commits in steps and publishes once.
     virtual : bool, default False
         Reference the files' chunks (file, offset, length) instead of copying their data,
         with VirtualiZarr (``pip install 'icechunk-distributed[virtual]'``). The repository
@@ -456,6 +462,7 @@ run_id, checkpoint_every, backups
     message, metadata = opts.check_message(message), opts.check_metadata(metadata)
     retries, progress = opts.check_retries(retries), opts.check_progress(progress)
     opts.check_checkpoint_every(checkpoint_every)
+    check_max_chunks_per_commit(max_chunks_per_commit)
     if run_id is not None:
         work_branch(run_id)
     with open_adapter(executor, workers=opts.check_workers(workers)) as adapter:
@@ -504,6 +511,7 @@ run_id, checkpoint_every, backups
             run_id=run_id,
             checkpoint_every=checkpoint_every,
             backups=backups,
+            max_chunks_per_commit=max_chunks_per_commit,
         )
     seconds = time.perf_counter() - t0
     copied = plan.loader.loaded if isinstance(plan.loader, VirtualLoader) else ()

@@ -7,13 +7,23 @@ same, writes only the missing regions, and publishes: the target branch moves to
 final snapshot in one conditional reset, only if nobody committed to it meanwhile. A tag
 records the publication, so a call after it finds the run done. Run records and their
 listing and removal are in :mod:`icechunk_distributed.runs`.
+
+The same machinery keeps commits under Icechunk's limits (``max_chunks_per_commit=``, the
+counting is in :mod:`icechunk_distributed.commitsize`): a run also checkpoints before its
+uncommitted chunk references could pass the limit, and a write without ``run_id`` whose plan
+is over the limit becomes an *internal* run (a generated id, no time-based checkpoints,
+nothing kept after a failure): it commits in steps on its work branch and publishes once, so
+readers of the target branch never see a partial write.
 """
 
 from __future__ import annotations
 
 import contextlib
+import datetime as dt
+import math
 import threading
 import time
+import uuid
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -21,6 +31,7 @@ from typing import TYPE_CHECKING, Any
 import icechunk
 
 from icechunk_distributed import runs
+from icechunk_distributed.commitsize import check_coordinator_chunks, chunk_sizes
 from icechunk_distributed.dispatch import region_write_error
 from icechunk_distributed.errors import (
     CommitConflictError,
@@ -28,6 +39,7 @@ from icechunk_distributed.errors import (
     SessionStateError,
     TargetMovedError,
 )
+from icechunk_distributed.merging import MERGE_BATCH
 from icechunk_distributed.results import TaskRecord
 
 if TYPE_CHECKING:
@@ -58,6 +70,8 @@ class ResumableRun:
     stale_work: bool = False  # a work branch without a checkpoint: nothing to keep
     created: bool = False  # this call created the work branch
     n_checkpoints: int = 0
+    internal: bool = False  # made for max_chunks_per_commit, not by the caller's run_id
+    finished: bool = False  # the complete result is committed on the work branch
 
     @classmethod
     def open(cls, repo: Repository, run_id: str, branch: str) -> ResumableRun:
@@ -99,6 +113,14 @@ class ResumableRun:
             work_tip=tip if state is not None else None,
             published=published,
         )
+
+    @classmethod
+    def open_internal(cls, repo: Repository, branch: str) -> ResumableRun:
+        """A new run under a generated id, for a write without ``run_id`` over the limit."""
+        stamp = dt.datetime.now(dt.UTC).strftime("%Y%m%dT%H%M%S")
+        run = cls.open(repo, f"split-{stamp}-{uuid.uuid4().hex[:8]}", branch)
+        run.internal = True
+        return run
 
     @property
     def work(self) -> str:
@@ -214,6 +236,11 @@ class ResumableRun:
         except icechunk.ConflictError:
             if not self._reaches(snapshot_id):
                 raise self._moved(snapshot_id) from None
+        if not self.internal:  # nobody calls an internal run again: no tag to find it by
+            self._tag(snapshot_id)
+        self.drop_work_branch()
+
+    def _tag(self, snapshot_id: str) -> None:
         tag = runs.published_tag(self.run_id)
         try:
             self.repo.create_tag(tag, snapshot_id)
@@ -226,7 +253,6 @@ class ResumableRun:
                 tagged = None
             if tagged != snapshot_id:
                 raise
-        self.drop_work_branch()
 
     def drop_work_branch(self) -> None:
         """Delete the work branch if it is there (after publication)."""
@@ -234,11 +260,21 @@ class ResumableRun:
             self.repo.delete_branch(self.work)
 
     def abandon(self) -> None:
-        """After a failure before the first checkpoint: the work branch holds nothing."""
-        if self.created and self.n_checkpoints == 0:
-            with contextlib.suppress(Exception):
-                if self.repo.lookup_branch(self.work) == self.base:  # still ours, still empty
-                    self.repo.delete_branch(self.work)
+        """After a failure: drop a work branch with nothing worth keeping.
+
+        That of a ``run_id`` run before its first checkpoint; that of an internal run unless
+        it holds the complete result (publication was refused, :class:`TargetMovedError`
+        says how to publish it): nobody resumes an internal run.
+        """
+        with contextlib.suppress(Exception):
+            if self.internal and not self.finished:
+                self.drop_work_branch()
+            elif (
+                self.created
+                and self.n_checkpoints == 0
+                and self.repo.lookup_branch(self.work) == self.base  # still ours, still empty
+            ):
+                self.repo.delete_branch(self.work)
 
 
 class Checkpointer:
@@ -247,14 +283,35 @@ class Checkpointer:
     A timer thread saves merged-but-unsaved regions even when no result arrives for a while
     (the last, slow tasks): ``lock`` keeps merges, argument building and checkpoints apart. A
     failed save is retried at the next occasion; :attr:`MAX_FAILURES` in a row end the run.
+
+    With ``sizes`` (the chunk count of each region to write, see :func:`chunk_sizes`), it
+    also commits as soon as the next merge could pass ``limit`` chunk references. The writer
+    merges results in batches of at most :attr:`batch` (passed to it as ``max_batch``), one
+    batch at a time under ``lock``, so that is as soon as the uncommitted count plus
+    ``batch`` times the largest region could pass the limit: no commit ever holds more. A
+    batch is kept to a quarter of the limit at most, so commits hold at least about half.
     """
 
     MAX_FAILURES = 3
     MAX_TICK = 1.0  # seconds: how often the timer looks, at most
 
-    def __init__(self, run: ResumableRun, writer: RegionWriter, every: float) -> None:
+    def __init__(
+        self,
+        run: ResumableRun,
+        writer: RegionWriter,
+        every: float,
+        sizes: dict[int, int] | None = None,
+        limit: int = 0,
+    ) -> None:
         assert run.state is not None
         self.run, self.state, self.writer, self.every = run, run.state, writer, every
+        self.sizes, self.limit = sizes, limit  # sizes: of the regions not merged yet
+        biggest = max(sizes.values(), default=0) if sizes is not None else 0
+        self.batch = None if not biggest else max(1, min(MERGE_BATCH, limit // (4 * biggest)))
+        self.margin = (self.batch or 0) * biggest  # what one batch may merge at most
+        self.pending = 0  # chunk references merged since the last commit (the plan's count)
+        self.fresh = False  # saved since the last merge that changed something
+        self.full = False  # a save by count failed: saving more could pass the limit
         self.lock = threading.Lock()
         self.dirty = False
         self.last = time.monotonic()
@@ -276,11 +333,12 @@ class Checkpointer:
         """Commit a checkpoint now."""
         n = len(self.state.done)
         self.run.checkpoint(self.writer, f"icechunk-distributed run {self.run.run_id}: checkpoint")
-        self.dirty, self.last, self.n_saved = False, time.monotonic(), n
+        self.dirty, self.last, self.n_saved, self.pending = False, time.monotonic(), n, 0
+        self.fresh = True
 
     def save_if_dirty(self) -> None:
-        """After a failure: keep what was merged, if saving still works."""
-        if self.dirty:
+        """After a failure: keep what was merged, if saving still works (and fits)."""
+        if self.dirty and not self.full:
             with contextlib.suppress(Exception):
                 self.save()
 
@@ -304,6 +362,20 @@ class Checkpointer:
             raise self.error
         self.state.done.add(index)
         self.dirty = True
+        if self.sizes is not None:
+            size = self.sizes.pop(index, 0)
+            # The rest of a batch whose first region's save committed it: nothing to count.
+            self.fresh = self.fresh and not self.writer.session.has_uncommitted_changes
+            self.pending += 0 if self.fresh else size
+            # After the last region, the final commit takes what is pending.
+            if self.sizes and self.pending + self.margin > self.limit:
+                try:
+                    self.save()  # not deferred like a timed save: the next batch might not fit
+                except BaseException as exc:
+                    # No save after this: what is still merged might not fit with what waits.
+                    self.error, self.full = exc, True
+                    raise
+                return
         self._save_when_due()
 
     def _loop(self) -> None:
@@ -321,11 +393,13 @@ def write_resumable(
     metadata: Mapping[str, Any] | None,
     checkpoint_every: float,
     backups: Backups | None,
+    max_chunks: int | None = None,
 ) -> tuple[str, list[TaskRecord], int]:
     """Plan, check, write what the work branch lacks, checkpoint, publish.
 
     Returns the published snapshot id, the records of the regions written by this call, and
-    how many regions earlier calls had written.
+    how many regions earlier calls had written. No commit holds more than ``max_chunks``
+    chunk references.
     """
     run.check(writer, adapter.capabilities)
     if run.published is not None:
@@ -338,9 +412,12 @@ def write_resumable(
     if state.complete and run.work_tip is not None:  # stopped between commit and publication
         run.publish(run.work_tip)
         return run.work_tip, [], n_resumed
+    todo = [i for i in range(state.n_regions) if i not in state.done]
+    sizes = chunk_sizes(writer, todo, max_chunks)  # refuses a region over the limit, now
     if run.created:
         writer.check_engine(adapter.capabilities)
         writer.write_metadata()
+        check_coordinator_chunks(writer, max_chunks)
         run.checkpoint(writer, f"icechunk-distributed run {run.run_id}: metadata")
     else:
         writer.metadata_written_earlier()  # by the call that created the work branch
@@ -348,7 +425,10 @@ def write_resumable(
     # (conditional) refuses then, and the complete result is there to publish deliberately.
     records: list[TaskRecord] = []
     if not state.complete:
-        records = _write_missing(writer, run, adapter, checkpoint_every, backups)
+        # An internal run is never resumed: timed checkpoints would only add commits.
+        every = math.inf if run.internal else checkpoint_every
+        budget = (sizes, max_chunks or 0)
+        records = _write_missing(writer, run, adapter, todo, every, budget, backups)
         state.complete = True
     message, meta = writer.commit_record(message, metadata, run.run_id)
     meta.update(state.to_metadata())
@@ -356,6 +436,7 @@ def write_resumable(
         snapshot_id = writer.session.commit(message, meta, allow_empty=True)
     except icechunk.ConflictError as exc:
         raise run.conflict() from exc
+    run.finished = True
     run.publish(snapshot_id)
     return snapshot_id, records, n_resumed
 
@@ -364,29 +445,42 @@ def _write_missing(
     writer: RegionWriter,
     run: ResumableRun,
     adapter: Adapter,
+    todo: list[int],
     every: float,
+    budget: tuple[dict[int, int] | None, int],
     backups: Backups | None,
 ) -> list[TaskRecord]:
-    """Write the regions no checkpoint holds; on failure, keep what was merged."""
-    assert run.state is not None
-    saver = Checkpointer(run, writer, every)
-    todo = [i for i in range(run.state.n_regions) if i not in run.state.done]
+    """Write the regions ``todo`` (no checkpoint holds them); on failure, keep what was merged.
+
+    ``budget`` is each region's chunk count (None: no need to count) and the limit per commit.
+    """
+    saver = Checkpointer(run, writer, every, *budget)
     try:
         with saver:
             records, failures = writer.run_tasks(
-                adapter, indices=todo, after_merge=saver.merged, backups=backups, lock=saver.lock
+                adapter,
+                indices=todo,
+                after_merge=saver.merged,
+                backups=backups,
+                lock=saver.lock,
+                max_batch=saver.batch,
             )
     except BaseException:
-        saver.save_if_dirty()  # the same call again continues from there
+        if not run.internal:  # an internal run's work branch is dropped: nothing to resume
+            saver.save_if_dirty()  # the same call again continues from there
         raise
     if failures:
-        saver.save_if_dirty()
+        kept = ""
+        if not run.internal:
+            saver.save_if_dirty()
+            kept = (
+                f"\nThe {saver.n_saved} region(s) written are kept on branch {run.work!r}: "
+                f"call again with run_id={run.run_id!r} to write only the rest."
+            )
         raise region_write_error(
             failures,
             n_regions=len(todo),
             retries=writer.retries,
-            outcome="the target branch is unchanged\n"
-            f"The {saver.n_saved} region(s) written are kept on branch {run.work!r}: call "
-            f"again with run_id={run.run_id!r} to write only the rest.",
+            outcome="the target branch is unchanged" + kept,
         )
     return records

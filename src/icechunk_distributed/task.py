@@ -28,9 +28,20 @@ from icechunk_distributed.planning import Region, format_region
 from icechunk_distributed.references import is_virtual, write_references
 from icechunk_distributed.session import SessionSnapshot
 
-__all__ = ["Loader", "TaskInput", "TaskOutput", "run_task", "same_dtype", "write_variables"]
+__all__ = [
+    "Expectations",
+    "Expected",
+    "Loader",
+    "TaskInput",
+    "TaskOutput",
+    "run_task",
+    "same_dtype",
+    "write_variables",
+]
 
 Loader = Callable[[dict[str, slice]], xr.Dataset]
+Expected = tuple[tuple[str, ...], tuple[int, ...], np.dtype[Any]]
+"""A variable's dims, shape and dtype in a piece."""
 
 
 @dataclass
@@ -57,7 +68,7 @@ class TaskInput:
     region: Region
     abs_region: Region
     group: str | None
-    expect: dict[str, tuple[tuple[str, ...], tuple[int, ...], np.dtype[Any]]]
+    expect: dict[str, Expected]
     units: dict[str, dict[str, int]]
     encodings: dict[str, dict[str, Any]] = field(default_factory=dict)
     labels: dict[str, np.ndarray] = field(default_factory=dict)
@@ -97,6 +108,34 @@ class TaskOutput:
         if isinstance(state.get("exception"), bytes):
             state["exception"] = shipping.unpack_exception(state["exception"])
         self.__dict__.update(state)
+
+
+class Expectations:
+    """Per variable, the dims, shape and dtype of a region's piece (:attr:`TaskInput.expect`).
+
+    Built once per region shape (regions mostly share one), not once per task.
+    """
+
+    def __init__(
+        self,
+        dims: Mapping[str, tuple[str, ...]],
+        sizes: Mapping[str, int],
+        dtypes: Mapping[str, np.dtype[Any]],
+    ) -> None:
+        self.dims, self.sizes, self.dtypes = dims, sizes, dtypes
+        self._known: dict[tuple[tuple[str, int], ...], dict[str, Expected]] = {}
+
+    def __call__(self, region: Region) -> dict[str, Expected]:
+        """The expectations of ``region``'s piece (shared between regions of its shape)."""
+        key = tuple((d, s.stop - s.start) for d, s in region.items())
+        known = self._known.get(key)
+        if known is None:
+            lengths = dict(key)
+            known = self._known[key] = {
+                name: (dims, tuple(lengths.get(d, self.sizes[d]) for d in dims), self.dtypes[name])
+                for name, dims in self.dims.items()
+            }
+        return known
 
 
 def worker_name() -> str:

@@ -22,25 +22,16 @@ from icechunk_distributed._version import __version__
 from icechunk_distributed.adapters import Adapter, Capabilities, open_adapter
 from icechunk_distributed.dispatch import region_write_error, run_region_tasks, shipped_size
 from icechunk_distributed.errors import CommitConflictError, SessionStateError
+from icechunk_distributed.merging import ResultMerger
 from icechunk_distributed.metadata import eager_data, metadata_dataset, write_lazy, write_metadata
 from icechunk_distributed.planning import Region, WritePlan, build_plan, dims_of_regions
 from icechunk_distributed.progress import Progress
 from icechunk_distributed.results import TaskFailure, TaskRecord
 from icechunk_distributed.runner import Backups
 from icechunk_distributed.runs import plan_digest
-from icechunk_distributed.session import (
-    DistributedSession,
-    SessionSnapshot,
-    merge_sessions,
-    open_session,
-)
+from icechunk_distributed.session import DistributedSession, SessionSnapshot, open_session
 from icechunk_distributed.target import StoreCheck, check_store
-from icechunk_distributed.task import (
-    Loader,
-    TaskInput,
-    TaskOutput,
-    run_task,
-)
+from icechunk_distributed.task import Expectations, Loader, TaskInput, TaskOutput, run_task
 from icechunk_distributed.template import (
     Mode,
     TemplateInfo,
@@ -139,6 +130,7 @@ class RegionWriter:
         self._info: TemplateInfo | None = None
         self._decided: dict[str, dict[str, Any]] = {}
         self._labels: dict[str, np.ndarray] = {}  # a loader's index labels, to check pieces
+        self._expect: Expectations | None = None
         # Set when tasks run: the encodings they apply, one task's pickled size, and the
         # engine limit check_picklable passed for.
         self._encodings: dict[str, dict[str, Any]] = {}
@@ -222,6 +214,7 @@ class RegionWriter:
                 existing_units=found.units,
                 keep=(self.append_dim,) if self.append_dim else (),
             )
+            self._expect = None
             self._plan = build_plan(
                 dims=info.dims,
                 units=info.units,
@@ -274,14 +267,11 @@ class RegionWriter:
 
     def task_input(self, index: int, snapshot: SessionSnapshot) -> TaskInput:
         """Task ``index``'s input, writing through ``snapshot``."""
-        plan = self.write_plan
+        plan = self._plan if self._plan is not None else self.write_plan
         region = plan.regions[index]
-        expect = {}
-        for name, dims in plan.dims.items():
-            shape = tuple(
-                (region[d].stop - region[d].start) if d in region else plan.sizes[d] for d in dims
-            )
-            expect[name] = (dims, shape, self.template[name].dtype)
+        if self._expect is None:
+            dtypes = {n: self.template.variables[n].dtype for n in plan.dims}
+            self._expect = Expectations(plan.dims, plan.sizes, dtypes)
         piece = None
         if self.source is not None:
             piece = self.source[list(plan.dims)].isel(region)
@@ -295,7 +285,7 @@ class RegionWriter:
             region=region,
             abs_region=plan.absolute(region),
             group=self.group,
-            expect=expect,
+            expect=self._expect(region),
             units=plan.units,
             encodings=self._encodings,
             labels={d: v[region[d]] for d, v in self._labels.items() if d in region},
@@ -465,12 +455,14 @@ class RegionWriter:
         after_merge: Callable[[int], None] | None = None,
         backups: Backups | None = None,
         lock: contextlib.AbstractContextManager[Any] | None = None,
+        max_batch: int | None = None,
     ) -> tuple[list[TaskRecord], list[TaskFailure]]:
         """Write the regions ``indices`` (all by default) on ``adapter``; report, do not raise.
 
         ``after_merge(i)`` follows the merge of region ``i``. ``lock`` is held while merging
         and while building task arguments, so that another thread may checkpoint the session
-        in between. Returns the records of the regions written and the failures.
+        in between. ``max_batch`` caps the results merged at once (a run counting chunks per
+        commit, ``resume``). Returns the records of the regions written and the failures.
         """
         self._require(_REGIONS, "write_regions()", "write_metadata()")
         guard = lock if lock is not None else contextlib.nullcontext()
@@ -482,14 +474,13 @@ class RegionWriter:
         stored = stored_encodings(self.session.session.store, self.group, list(plan.dims))
         self._encodings = {n: task_encoding(stored[n], self._decided.get(n)) for n in plan.dims}
         records: list[TaskRecord | None] = [None] * len(todo)
+        merger = ResultMerger(self.session, after_merge=after_merge, lock=guard)
+        merger.max_batch = max_batch or merger.max_batch
 
         def on_success(j: int, out: TaskOutput, attempts: int) -> None:
             assert out.snapshot is not None
             i = todo[j]
-            with guard:
-                merge_sessions(self.session, out.snapshot)
-                if after_merge is not None:
-                    after_merge(i)
+            merger.add(i, out.snapshot)
             records[j] = TaskRecord(
                 i, plan.regions[i], out.seconds, attempts, out.worker, out.n_chunks, out.nbytes
             )
@@ -503,18 +494,24 @@ class RegionWriter:
                 inp.attempt = attempt
                 return inp
 
-            failures = run_region_tasks(
-                adapter,
-                run_task,
-                [plan.regions[i] for i in todo],
-                build,
-                backups=backups,
-                retries=self.retries,
-                progress=self.progress,
-                item_bytes=self._item_bytes,
-                on_success=on_success,
-                indices=todo,
-            )
+            try:
+                failures = run_region_tasks(
+                    adapter,
+                    run_task,
+                    [plan.regions[i] for i in todo],
+                    build,
+                    backups=backups,
+                    retries=self.retries,
+                    progress=self.progress,
+                    item_bytes=self._item_bytes,
+                    on_success=on_success,
+                    indices=todo,
+                )
+            except BaseException:
+                with contextlib.suppress(Exception):
+                    merger.flush()  # what succeeded stays merged (a run_id run keeps it)
+                raise
+            merger.flush()
             if failures:  # leave the block by an exception: it closes the pickling window
                 raise _RegionsFailed
         self.records = [r for r in records if r is not None]
