@@ -3,10 +3,14 @@
 S1 many small regions (240 x 205x275 float32, 54 MB): ours on threads and processes against
    the documented per-region ``Dataset.to_zarr(region=...)`` pattern on the same executors,
    and the raw floor (zstd-compress the same bytes and write files from one process).
+S2 bulk, 1 GiB in 64 regions of 16 MiB computed in the tasks: ours on every local engine
+   against plain zarr (no Icechunk) on the same executor, ``icechunk.xarray.to_icechunk`` on a
+   dask LocalCluster, and cubed's ``store_icechunk`` on cubed's processes executor.
 S3 Lithops localhost, 240 regions: ours against the documented one-call-per-region pattern
    and the best hand-batched version (a few calls, zarr array assignment).
 S4 coordinator scaling: many tiny regions on threads (coordinator CPU per task, peak RSS
-   growth), and merge + commit time for many chunk references.
+   growth) against a minimal hand-written fork -> thread pool -> merge -> commit loop doing the
+   same writes, and merge + commit time for many chunk references.
 """
 
 from __future__ import annotations
@@ -17,12 +21,13 @@ import json
 import os
 import pickle
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
 import time
 from collections.abc import Callable
-from concurrent.futures import Executor, ThreadPoolExecutor
+from concurrent.futures import Executor, ThreadPoolExecutor, as_completed
 from pathlib import Path
 from typing import Any
 
@@ -32,6 +37,15 @@ import xarray as xr
 import zarr
 
 import icechunk_distributed as icd
+from benchmarks.bulk import (
+    BX,
+    BY,
+    bulk,
+    cubed_block,
+    noop,
+    plain_zarr_batch,
+    plain_zarr_task,
+)
 from icechunk_distributed.adapters.local import FuturesAdapter
 
 NY, NX = 205, 275
@@ -180,14 +194,8 @@ class S1:
 
 # -- S2 ------------------------------------------------------------------------------------------
 
-BY, BX = 2048, 2048  # 16 MiB float32 per time step
-
-
-def bulk(start: int, stop: int) -> np.ndarray:
-    t = np.arange(start, stop, dtype="f4")[:, None, None]
-    row = np.linspace(0, 1, BX, dtype="f4")
-    col = np.linspace(0, 1, BY, dtype="f4")[:, None]
-    return np.ascontiguousarray((np.sin(t / 7) + row * col).astype("f4"))
+S2_ENGINES = ("threads", "processes", "joblib", "dask", "ray", "lithops")
+S2_WORKERS = 2
 
 
 def bulk_load(region: dict[str, slice]) -> xr.Dataset:
@@ -206,45 +214,74 @@ def bulk_template(n: int) -> xr.Dataset:
     return xr.Dataset({"Tair": (("time", "y", "x"), lazy)})
 
 
-def plain_zarr_task(arg: tuple[str, int]) -> int:
-    path, i = arg
-    array = zarr.open_array(zarr.storage.LocalStore(path), path="Tair", mode="r+")
-    array[i : i + 1] = bulk(i, i + 1)
-    return i
+def _importable(module: str) -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec(module) is not None
 
 
 class S2:
-    """About 1 GiB in 64 regions of 16 MiB: ours on processes, dask and ray against
-    ``icechunk.xarray.to_icechunk`` on a dask LocalCluster, and plain zarr without Icechunk."""
+    """About 1 GiB in 64 regions of 16 MiB on 2 workers: ours on every local engine against
+    plain zarr without Icechunk on the same executor, ``icechunk.xarray.to_icechunk`` on a
+    dask LocalCluster, and cubed's ``store_icechunk`` on cubed's processes executor.
 
-    def __init__(
-        self, n_regions: int = 64, engines: tuple[str, ...] = ("processes", "dask", "ray")
-    ):
+    Engines whose package is missing are skipped with a note (``skipped``), as is cubed.
+    """
+
+    def __init__(self, n_regions: int = 64, engines: tuple[str, ...] = S2_ENGINES) -> None:
         from distributed import Client, LocalCluster
 
+        needs = {"joblib": "joblib", "ray": "ray", "lithops": "lithops"}
+        self.skipped: dict[str, str] = {}
+        for engine in engines:
+            if engine in needs and not _importable(needs[engine]):
+                self.skipped[f"ours ({engine})"] = f"{needs[engine]} not installed"
+        if not _importable("cubed"):
+            self.skipped["cubed store_icechunk (processes)"] = "cubed not installed"
+        self.engines = tuple(e for e in engines if f"ours ({e})" not in self.skipped)
         self.n = n_regions
         self.repos = _Repos()
-        self.processes = FuturesAdapter.processes(2)
-        self.cluster = LocalCluster(n_workers=2, threads_per_worker=1, dashboard_address=":0")
+        self.threads = FuturesAdapter.threads(S2_WORKERS)
+        self.processes = FuturesAdapter.processes(S2_WORKERS)
+        # to_icechunk needs the dask cluster whichever engines run
+        self.cluster = LocalCluster(
+            n_workers=S2_WORKERS, threads_per_worker=1, dashboard_address=":0"
+        )
         self.client = Client(self.cluster, set_as_default=False)
-        self.engines = engines
-        self.ray = None
-        if "ray" in engines:
+        self.joblib: Any = None
+        if "joblib" in self.engines:
+            from icechunk_distributed.adapters.joblib import JoblibAdapter
+
+            self.joblib = JoblibAdapter(n_jobs=S2_WORKERS)
+        self.ray: Any = None
+        if "ray" in self.engines:
             import ray
 
-            ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+            ray.init(num_cpus=S2_WORKERS, include_dashboard=False, log_to_driver=False)
             self.ray = ray
+        self.lithops: Any = None
+        if "lithops" in self.engines:
+            from icechunk_distributed.adapters.lithops import LithopsAdapter
+
+            self.lithops = LithopsAdapter(workers=S2_WORKERS)
+        self.calls: dict[str, int] = {}  # Lithops calls per run
+        self._metadata: dict[str, Any] | None = None  # the first committed array's
 
     def __enter__(self) -> S2:
-        list(self.processes.executor.map(abs, range(4)))
+        for engine, reason in self.skipped.items():
+            print(f"S2   {engine}: skipped ({reason})")
+        self.warm()
         return self
 
     def __exit__(self, *exc: object) -> None:
+        self.threads.close()
         self.processes.close()
         self.client.close()
         self.cluster.close()
         if self.ray is not None:
             self.ray.shutdown()
+        if self.lithops is not None:
+            self.lithops.close()
         self.repos.close()
 
     @property
@@ -252,34 +289,99 @@ class S2:
         return self.n * BY * BX * 4
 
     def _check(self, store: Any) -> None:
+        """Values (first, middle, last region) and the same zarr metadata in every store."""
         array = zarr.open_array(store, path="Tair", mode="r")
         for i in (0, self.n // 2, self.n - 1):
             np.testing.assert_array_equal(array[i : i + 1], bulk(i, i + 1))
+        meta = array.metadata.to_dict()
+        if self._metadata is None:
+            self._metadata = meta
+        assert meta == self._metadata, (meta, self._metadata)
 
-    def _ours(self, executor: Any) -> float:
-        repo = self.repos.new()
-        t0 = time.perf_counter()
-        icd.run_region_writes(bulk_load, repo, template=bulk_template(self.n), executor=executor,
-                              task_size=1, progress=False)  # fmt: skip
-        seconds = time.perf_counter() - t0
+    def _check_repo(self, repo: icechunk.Repository) -> None:
+        """The committed array, then the repository is removed (1 GiB each)."""
         self._check(repo.readonly_session("main").store)
         shutil.rmtree(os.path.join(self.repos.root, f"r{self.repos.n}"))
+
+    def _executor(self, engine: str) -> Any:
+        return {
+            "threads": self.threads,
+            "processes": self.processes,
+            "joblib": self.joblib,
+            "dask": self.client,
+            "ray": "ray",
+            "lithops": self.lithops,
+        }[engine]
+
+    def _ours(self, engine: str) -> float:
+        repo = self.repos.new()
+        calls = self.lithops.n_calls if engine == "lithops" else 0
+        t0 = time.perf_counter()
+        icd.run_region_writes(bulk_load, repo, template=bulk_template(self.n),
+                              executor=self._executor(engine), task_size=1,
+                              progress=False)  # fmt: skip
+        seconds = time.perf_counter() - t0
+        if engine == "lithops":
+            self.calls["ours (lithops)"] = self.lithops.n_calls - calls
+        self._check_repo(repo)
         return seconds
 
+    def warm(self) -> None:
+        """One untimed 2-region write by ours on every engine: the workers import what the
+        tasks need (icechunk, xarray, zarr, this module) before any contender is timed.
+        Lithops localhost starts a fresh interpreter for every job, so there one trivial call
+        only gets Lithops' runtime set up. cubed starts a new pool per compute: nothing to warm.
+        """
+        for engine in self.engines:
+            if engine == "lithops":
+                fexec = self.lithops.executor
+                fexec.get_result(fexec.map(noop, [1, 2], include_modules=[]),
+                                 show_progressbar=False)  # fmt: skip
+                continue
+            repo = self.repos.new()
+            icd.run_region_writes(bulk_load, repo, template=bulk_template(2),
+                                  executor=self._executor(engine), task_size=1,
+                                  progress=False)  # fmt: skip
+            shutil.rmtree(os.path.join(self.repos.root, f"r{self.repos.n}"))
+
     def _to_icechunk(self) -> float:
+        import dask
         from icechunk.xarray import to_icechunk
 
         repo = self.repos.new()
         t0 = time.perf_counter()
         session = repo.writable_session("main")
-        import dask
-
         with dask.config.set(scheduler=self.client.get):
             to_icechunk(bulk_template(self.n), session)
         session.commit("to_icechunk")
         seconds = time.perf_counter() - t0
-        self._check(repo.readonly_session("main").store)
-        shutil.rmtree(os.path.join(self.repos.root, f"r{self.repos.n}"))
+        self._check_repo(repo)
+        return seconds
+
+    def _cubed(self) -> float:
+        """cubed's ``store_icechunk`` (the usage of cubed's own tests): the target array opened
+        in a fork, the merged fork cubed returns merged into the session, one commit. cubed's
+        processes executor starts a fresh spawn pool for every compute: that is in its time."""
+        import cubed
+        from cubed.icechunk import store_icechunk
+
+        repo = self.repos.new()
+        work_dir = tempfile.mkdtemp(dir=self.repos.root)
+        t0 = time.perf_counter()
+        spec = cubed.Spec(work_dir=work_dir, allowed_mem="1GB", executor_name="processes",
+                          executor_options={"max_workers": S2_WORKERS})  # fmt: skip
+        session = repo.writable_session("main")
+        # the same metadata as ours and to_icechunk (xarray's encoding of the same template)
+        bulk_template(self.n).to_zarr(session.store, compute=False, consolidated=False)
+        fork = session.fork()
+        target = zarr.open_array(fork.store, path="Tair", mode="r+")
+        base = cubed.empty((self.n, BY, BX), dtype="f4", chunks=(1, BY, BX), spec=spec)
+        source = cubed.map_blocks(cubed_block, base, dtype="f4")
+        session.merge(store_icechunk(sources=[source], targets=[target]))
+        session.commit("cubed store_icechunk")
+        seconds = time.perf_counter() - t0
+        self._check_repo(repo)
+        shutil.rmtree(work_dir)
         return seconds
 
     def _plain_zarr(self, engine: str) -> float:
@@ -288,30 +390,44 @@ class S2:
         bulk_template(self.n).to_zarr(zarr.storage.LocalStore(path), compute=False,
                                       consolidated=False)  # fmt: skip
         args = [(path, i) for i in range(self.n)]
-        if engine == "processes":
+        if engine == "threads":
+            list(self.threads.executor.map(plain_zarr_task, args))
+        elif engine == "processes":
             list(self.processes.executor.map(plain_zarr_task, args))
+        elif engine == "joblib":
+            import joblib
+
+            joblib.Parallel(n_jobs=S2_WORKERS)(joblib.delayed(plain_zarr_task)(a) for a in args)
         elif engine == "dask":
             self.client.gather(self.client.map(plain_zarr_task, args, pure=False))
-        else:
-            assert self.ray is not None
+        elif engine == "ray":
             task = self.ray.remote(plain_zarr_task)
             self.ray.get([task.remote(a) for a in args])
+        else:  # lithops: as many calls as ours makes (2 per worker), regions split among them
+            groups = np.array_split(np.arange(self.n), min(self.n, 2 * S2_WORKERS))
+            batches = [pickle.dumps((path, [int(i) for i in g])) for g in groups]
+            fexec = self.lithops.executor
+            futures = fexec.map(plain_zarr_batch, batches, include_modules=[])
+            fexec.get_result(futures, show_progressbar=False)
+            self.calls["plain zarr (lithops)"] = len(batches)
         seconds = time.perf_counter() - t0
         self._check(zarr.storage.LocalStore(path))
         shutil.rmtree(path)
         return seconds
 
     def contenders(self) -> dict[str, Callable[[], float]]:
+        """Per engine ours, then plain zarr on it; ``to_icechunk`` after dask, cubed after
+        processes (the executors each is compared with)."""
         out: dict[str, Callable[[], float]] = {}
-        if "processes" in self.engines:
-            out["ours (processes)"] = lambda: self._ours(self.processes)
-        if "dask" in self.engines:
-            out["ours (dask)"] = lambda: self._ours(self.client)
-        if "ray" in self.engines:
-            out["ours (ray)"] = lambda: self._ours("ray")
-        out["to_icechunk (dask)"] = self._to_icechunk
         for engine in self.engines:
+            out[f"ours ({engine})"] = functools.partial(self._ours, engine)
             out[f"plain zarr ({engine})"] = functools.partial(self._plain_zarr, engine)
+            if engine == "processes" and "cubed store_icechunk (processes)" not in self.skipped:
+                out["cubed store_icechunk (processes)"] = self._cubed
+            if engine == "dask":
+                out["to_icechunk (dask)"] = self._to_icechunk
+        if "dask" not in self.engines:
+            out["to_icechunk (dask)"] = self._to_icechunk
         return out
 
 
@@ -397,14 +513,35 @@ class S3:
 
 # -- S4 ------------------------------------------------------------------------------------------
 
+# Sizes from which S4 runs each contender once (a 100,000-task pair takes about 10 minutes).
+S4_ONCE_FROM = 100_000
+# Largest size the hand-written loop runs at. At 100,000 tasks it took 560 s and 868 MB of peak
+# RSS growth (every fork is held until merged) on a loaded 2-core machine; 1,000,000 would need
+# about 1.5 hours and 9 GB, so there ours runs alone.
+S4_HAND_MAX = 100_000
+
 
 def _tiny_load(region: dict[str, slice]) -> xr.Dataset:
     s = region["i"]
     return xr.Dataset({"v": (("i",), np.full(s.stop - s.start, 1.0, dtype="f4"))})
 
 
-def s4_point(n_tasks: int) -> dict[str, float]:
-    """One S4 measurement (run in a fresh process so peak RSS means something)."""
+def _s4_result(repo: icechunk.Repository, n_tasks: int) -> dict[str, Any]:
+    """Check what a S4 contender committed; return what both must agree on."""
+    store = repo.readonly_session("main").store
+    array = zarr.open_array(store, path="v", mode="r")
+    assert array.shape == (n_tasks,)
+    assert (np.asarray(array[:]) == 1).all()
+    meta = {"group": zarr.open_group(store, mode="r").metadata.to_dict(),
+            "v": array.metadata.to_dict()}  # fmt: skip
+    return {
+        "commits": len(list(repo.ancestry(branch="main"))),
+        "zarr_metadata": json.loads(json.dumps(meta, default=str)),
+    }
+
+
+def s4_point(n_tasks: int) -> dict[str, Any]:
+    """One S4 measurement of ours (run in a fresh process so peak RSS means something)."""
     import dask.array as da
 
     from benchmarks.ingest import peak_rss_mb
@@ -421,13 +558,61 @@ def s4_point(n_tasks: int) -> dict[str, float]:
         seconds = time.perf_counter() - t0
         cpu = time.thread_time() - cpu0
         rss = peak_rss_mb()
-        got = zarr.open_array(repo.readonly_session("main").store, path="v")[:]
-        assert (got == 1).all()
         return {
             "n_tasks": n_tasks,
             "seconds": seconds,
             "coordinator_us_per_task": cpu / n_tasks * 1e6,
             "rss_growth_mb": rss - rss0,
+            **_s4_result(repo, n_tasks),
+        }
+    finally:
+        repos.close()
+
+
+def _hand_task(fork: Any, region: dict[str, slice]) -> Any:
+    ds = _tiny_load(region)
+    zarr.open_array(fork.store, path="v", mode="r+")[region["i"]] = ds["v"].values
+    return fork
+
+
+def s4_hand_point(n_tasks: int) -> dict[str, Any]:
+    """The same writes as :func:`s4_point` by a minimal hand-written loop: fork -> thread pool
+    -> merge as they complete -> commit (fresh process, measured the same way)."""
+    import dask.array as da
+
+    from benchmarks.ingest import peak_rss_mb
+
+    repos = _Repos()
+    try:
+        repo = repos.new()
+        # The same zarr metadata as ours (checked by `s4`). One dask block and encoding
+        # chunks=(1,): `to_zarr(compute=False)` of a template with n one-element blocks builds
+        # an n-task store graph first (12 s at 100,000).
+        tpl = xr.Dataset({"v": (("i",), da.zeros(n_tasks, chunks=n_tasks, dtype="f4"))})
+        rss0 = peak_rss_mb()
+        cpu0, t0 = time.thread_time(), time.perf_counter()
+        session = repo.writable_session("main")
+        tpl.to_zarr(session.store, compute=False, mode="w", consolidated=False,
+                    encoding={"v": {"chunks": (1,)}})  # fmt: skip
+        with ThreadPoolExecutor(2) as pool:
+            # Forks are made here, before any merge: a fork made inside the task, after
+            # merges began, copies the merged changes (125 s instead of 37 s at 10,000).
+            futures = [
+                pool.submit(_hand_task, session.fork(), {"i": slice(i, i + 1)})
+                for i in range(n_tasks)
+            ]
+            for future in as_completed(futures):
+                session.merge(future.result())
+        session.commit("hand-written loop")
+        seconds = time.perf_counter() - t0
+        cpu = time.thread_time() - cpu0
+        rss = peak_rss_mb()
+        return {
+            "n_tasks": n_tasks,
+            "seconds": seconds,
+            "coordinator_us_per_task": cpu / n_tasks * 1e6,
+            "rss_growth_mb": rss - rss0,
+            **_s4_result(repo, n_tasks),
         }
     finally:
         repos.close()
@@ -473,15 +658,74 @@ def merge_commit(n_chunks: int, n_forks: int = 100) -> dict[str, float]:
         repos.close()
 
 
-def s4(sizes: list[int], chunks: int) -> dict[str, Any]:
-    points = []
+def _s4_subprocess(kind: str, n_tasks: int) -> dict[str, Any]:
+    out = subprocess.run(
+        [sys.executable, "-m", "benchmarks.scenarios", kind, str(n_tasks)],
+        capture_output=True, text=True, cwd=Path(__file__).parent.parent,
+    )  # fmt: skip
+    if out.returncode != 0:
+        raise RuntimeError(f"S4 {kind} {n_tasks} failed:\n{out.stderr[-3000:]}")
+    point: dict[str, Any] = json.loads(out.stdout.strip().splitlines()[-1])
+    return point
+
+
+def _s4_summary(n_tasks: int, runs: list[dict[str, Any]]) -> dict[str, Any]:
+    def med(key: str) -> float:
+        return statistics.median(r[key] for r in runs)
+
+    return {
+        "n_tasks": n_tasks,
+        "seconds": med("seconds"),
+        "runs": [r["seconds"] for r in runs],
+        "coordinator_us_per_task": med("coordinator_us_per_task"),
+        "rss_growth_mb": med("rss_growth_mb"),
+        "commits": runs[0]["commits"],
+    }
+
+
+def s4(
+    sizes: list[int], chunks: int, repeat: int = 1, hand_max: int | None = None
+) -> dict[str, Any]:
+    """Ours against the hand-written loop at each size, alternating, each run a fresh process.
+
+    ``repeat`` runs per contender below :data:`S4_ONCE_FROM` tasks, one from there on; the
+    hand-written loop runs up to ``hand_max`` tasks. Both commit the same zarr metadata, the
+    same values and the same number of snapshots (checked here).
+    """
+    hand_max = S4_HAND_MAX if hand_max is None else hand_max
+    ours, hand, versus, skipped = [], [], [], []
     for n in sizes:
-        out = subprocess.run(
-            [sys.executable, "-m", "benchmarks.scenarios", "s4-point", str(n)],
-            capture_output=True, text=True, check=True, cwd=Path(__file__).parent.parent,
-        )  # fmt: skip
-        points.append(json.loads(out.stdout.strip().splitlines()[-1]))
-    return {"tasks": points, "merge_commit": merge_commit(chunks)}
+        runs: dict[str, list[dict[str, Any]]] = {"s4-point": [], "s4-hand": []}
+        for _ in range(repeat if n < S4_ONCE_FROM else 1):
+            for kind in runs:
+                if kind == "s4-hand" and n > hand_max:
+                    continue
+                runs[kind].append(_s4_subprocess(kind, n))
+                print(f"S4   {n:>7} tasks, {'ours' if kind == 's4-point' else 'hand'}: "
+                      f"{runs[kind][-1]['seconds']:.2f} s", flush=True)  # fmt: skip
+        first = runs["s4-point"][0]
+        for point in runs["s4-point"] + runs["s4-hand"]:
+            assert point["zarr_metadata"] == first["zarr_metadata"], (point, first)
+            assert point["commits"] == first["commits"], (point, first)
+        ours.append(_s4_summary(n, runs["s4-point"]))
+        if not runs["s4-hand"]:
+            skipped.append(n)
+            continue
+        hand.append(_s4_summary(n, runs["s4-hand"]))
+        versus.append(
+            {
+                "n_tasks": n,
+                "ours_over_hand": ours[-1]["seconds"] / hand[-1]["seconds"],
+                "pairs": [o / h for o, h in zip(ours[-1]["runs"], hand[-1]["runs"], strict=True)],
+            }
+        )
+    return {
+        "tasks": ours,
+        "hand": hand,
+        "ours_over_hand": versus,
+        "hand_skipped_at": skipped,
+        "merge_commit": merge_commit(chunks),
+    }
 
 
 def plot_s4(result: dict[str, Any], path: Path) -> Path | None:
@@ -494,15 +738,29 @@ def plot_s4(result: dict[str, Any], path: Path) -> Path | None:
         print("S4   (no plot: pip install matplotlib)")
         return None
     n = [p["n_tasks"] for p in result["tasks"]]
-    fig, (a, b) = plt.subplots(1, 2, figsize=(9, 3.5))
-    a.loglog(n, [p["seconds"] for p in result["tasks"]], "o-")
+    hand = result.get("hand", [])
+    versus = result.get("ours_over_hand", [])
+    fig, (a, b, c) = plt.subplots(1, 3, figsize=(13, 3.5))
+    a.loglog(n, [p["seconds"] for p in result["tasks"]], "o-", label="ours")
+    if hand:
+        a.loglog([p["n_tasks"] for p in hand], [p["seconds"] for p in hand], "s--",
+                 label="hand-written loop")  # fmt: skip
     a.set(xlabel="tasks", ylabel="wall time (s)", title="time vs tasks (threads, 2 cores)")
+    a.legend()
     b.semilogx(
         n, [p["coordinator_us_per_task"] for p in result["tasks"]], "o-", label="CPU/task (us)"
     )
     b.semilogx(n, [p["rss_growth_mb"] for p in result["tasks"]], "s-", label="peak RSS growth (MB)")
-    b.set(xlabel="tasks", title="coordinator cost")
+    b.set(xlabel="tasks", title="coordinator cost (ours)")
     b.legend()
+    if versus:
+        c.semilogx([v["n_tasks"] for v in versus], [v["ours_over_hand"] for v in versus], "o-",
+                   label="ours / hand-written")  # fmt: skip
+    c.axhline(1.2, color="grey", linestyle=":", label="target 1.2x")
+    top = max([1.2] + [v["ours_over_hand"] for v in versus])
+    c.set(xlabel="tasks", ylabel="wall time ratio", title="ours / hand-written loop")
+    c.set_ylim(0, 1.15 * top)
+    c.legend()
     fig.tight_layout()
     path.parent.mkdir(exist_ok=True)
     fig.savefig(path, dpi=100)
@@ -512,3 +770,5 @@ def plot_s4(result: dict[str, Any], path: Path) -> Path | None:
 if __name__ == "__main__":
     if sys.argv[1:2] == ["s4-point"]:
         print(json.dumps(s4_point(int(sys.argv[2]))))
+    elif sys.argv[1:2] == ["s4-hand"]:
+        print(json.dumps(s4_hand_point(int(sys.argv[2]))))
