@@ -474,8 +474,9 @@ class RegionWriter:
         stored = stored_encodings(self.session.session.store, self.group, list(plan.dims))
         self._encodings = {n: task_encoding(stored[n], self._decided.get(n)) for n in plan.dims}
         records: list[TaskRecord | None] = [None] * len(todo)
-        merger = ResultMerger(self.session, after_merge=after_merge, lock=guard)
-        merger.max_batch = max_batch or merger.max_batch
+        merger = ResultMerger(
+            self.session, after_merge=after_merge, lock=guard, max_batch=max_batch
+        )
 
         def on_success(j: int, out: TaskOutput, attempts: int) -> None:
             assert out.snapshot is not None
@@ -486,7 +487,7 @@ class RegionWriter:
             )
 
         failures: list[TaskFailure] = []
-        with contextlib.suppress(_RegionsFailed), self.session.allow_pickling() as snapshot:
+        with contextlib.suppress(_RegionsFailed), self.session.allow_pickling() as snapshot, merger:
 
             def build(j: int, attempt: int) -> TaskInput:
                 with guard:
