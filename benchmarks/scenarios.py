@@ -555,18 +555,26 @@ def s4_point(n_tasks: int) -> dict[str, Any]:
         with ThreadPoolExecutor(2) as pool:
             icd.run_region_writes(_tiny_load, repo, template=tpl, executor=pool, task_size=1,
                                   progress=False)  # fmt: skip
-        seconds = time.perf_counter() - t0
-        cpu = time.thread_time() - cpu0
-        rss = peak_rss_mb()
-        return {
-            "n_tasks": n_tasks,
-            "seconds": seconds,
-            "coordinator_us_per_task": cpu / n_tasks * 1e6,
-            "rss_growth_mb": rss - rss0,
-            **_s4_result(repo, n_tasks),
-        }
+        return _s4_measured(repo, n_tasks, t0=t0, cpu0=cpu0, rss0=rss0)
     finally:
         repos.close()
+
+
+def _s4_measured(
+    repo: icechunk.Repository, n_tasks: int, *, t0: float, cpu0: float, rss0: float
+) -> dict[str, Any]:
+    """One S4 run's figures, since ``t0`` (wall), ``cpu0`` (this thread) and ``rss0``."""
+    from benchmarks.ingest import peak_rss_mb
+
+    seconds = time.perf_counter() - t0
+    cpu = time.thread_time() - cpu0
+    return {
+        "n_tasks": n_tasks,
+        "seconds": seconds,
+        "coordinator_us_per_task": cpu / n_tasks * 1e6,
+        "rss_growth_mb": peak_rss_mb() - rss0,
+        **_s4_result(repo, n_tasks),
+    }
 
 
 def _hand_task(fork: Any, region: dict[str, slice]) -> Any:
@@ -604,16 +612,7 @@ def s4_hand_point(n_tasks: int) -> dict[str, Any]:
             for future in as_completed(futures):
                 session.merge(future.result())
         session.commit("hand-written loop")
-        seconds = time.perf_counter() - t0
-        cpu = time.thread_time() - cpu0
-        rss = peak_rss_mb()
-        return {
-            "n_tasks": n_tasks,
-            "seconds": seconds,
-            "coordinator_us_per_task": cpu / n_tasks * 1e6,
-            "rss_growth_mb": rss - rss0,
-            **_s4_result(repo, n_tasks),
-        }
+        return _s4_measured(repo, n_tasks, t0=t0, cpu0=cpu0, rss0=rss0)
     finally:
         repos.close()
 
