@@ -68,3 +68,14 @@ def test_ten_million_chunks_cost_bytes_not_a_dict_entry_each():
         owners.record(np.arange(start, start + 1_000_000, dtype=np.int64).reshape(-1, 1), 1, 1)
     # 8 bytes per cell, with the box at most twice what it holds (a dict: 125-170 B each)
     assert owners.nbytes() <= 16 * 10_000_000
+
+
+@pytest.mark.parametrize("dims", [(2, 3), (3, 2), (0, 2), (1, 0)])
+def test_an_array_recreated_with_other_dims_at_the_same_path(dims):
+    before, after = dims
+    owners = ChunkOwners()
+    owners.record(coords_array([(1,) * before], before), 0, 1)
+    assert owners.get((1,) * after) is None  # another array's chunks never match
+    owners.record(coords_array([(1,) * after, (2,) * after], after), 1, 2)
+    assert owners.get((1,) * after) == (1, 2)
+    assert owners.get((1,) * before) == (0, 1)

@@ -90,19 +90,31 @@ class ResultMerger:
 
         Raises what a merge by the watcher raised, if one failed.
         """
-        if self.error is not None and threading.current_thread() is not self._watcher:
-            raise self.error
+        watcher = threading.current_thread() is self._watcher
         with self.lock:
+            # Checked under the lock: the watcher records its failure before releasing it.
+            if self.error is not None and not watcher:
+                raise self.error
             with self._pending:
                 indices, snapshots = self._indices, self._snapshots
                 self._indices, self._snapshots = [], []
             if not indices:
                 return
-            merge_sessions(self.session, *snapshots)
+            try:
+                merge_sessions(self.session, *snapshots)
+            except BaseException as exc:
+                if watcher:
+                    self.error = exc
+                raise
             self.n_merges += 1
             if self.after_merge is not None:
-                for i in indices:
-                    self.after_merge(i)
+                try:
+                    for i in indices:
+                        self.after_merge(i)
+                except BaseException as exc:
+                    if watcher:
+                        self.error = exc
+                    raise
 
     def __enter__(self) -> ResultMerger:
         """With ``after_merge`` (a run that checkpoints), watch for results left waiting.
@@ -119,6 +131,8 @@ class ResultMerger:
         self._stop.set()
         if self._watcher is not None:
             self._watcher.join()
+        if self.error is not None and exc[0] is None:
+            raise self.error  # nothing may end normally after a refused merge
 
     def _watch(self) -> None:
         while not self._stop.wait(self.max_delay):
@@ -127,6 +141,5 @@ class ResultMerger:
             if due:
                 try:
                     self.flush()
-                except BaseException as exc:  # raised by the next add(), or by the caller
-                    self.error = exc
+                except BaseException:  # recorded by flush: the next add() or flush() raises it
                     return

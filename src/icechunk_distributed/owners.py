@@ -36,7 +36,7 @@ def coords_array(coords: list[tuple[int, ...]], ndim: int) -> np.ndarray:
 class ChunkOwners:
     """For one array: each recorded chunk's writer (a fork number) and version."""
 
-    __slots__ = ("_high", "_sparse", "_tried", "fork", "n", "version")
+    __slots__ = ("_high", "_mixed", "_ndim", "_sparse", "_tried", "fork", "n", "version")
 
     def __init__(self) -> None:
         self.fork: np.ndarray | None = None  # int32 over the box; NOBODY where unrecorded
@@ -45,6 +45,8 @@ class ChunkOwners:
         self.n = 0  # chunks recorded (an upper bound: a chunk recorded twice counts twice)
         self._high: np.ndarray | None = None  # 1 + the highest coordinate along each dim
         self._tried = 0  # self.n when a sparse record last considered going dense
+        self._mixed = False  # coordinates of several dimensionalities: a dict for good
+        self._ndim: int | None = None  # of the first coordinates recorded
 
     def lookup(self, coords: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Fork numbers (:data:`NOBODY` if none) and versions for ``(n, ndim)`` coordinates."""
@@ -57,6 +59,8 @@ class ChunkOwners:
                 if entry is not None:
                     forks[k], versions[k] = entry
         elif self.fork is not None and self.version is not None and n:
+            if coords.shape[1] != self.fork.ndim:  # another array at this path now
+                return forks, versions
             inside = np.all(coords < np.asarray(self.fork.shape), axis=1)
             index = tuple(coords[inside].T)
             forks[inside] = self.fork[index]
@@ -73,7 +77,12 @@ class ChunkOwners:
         if not len(coords):
             return
         self.n += len(coords)
-        if coords.shape[1] == 0:  # a zero-dimensional array: one chunk, ()
+        if self._ndim is None:
+            self._ndim = coords.shape[1]
+        elif self._ndim != coords.shape[1]:
+            # The array was re-created at this path with other dims: a dict holds both.
+            self._mixed = True
+        if coords.shape[1] == 0 or self._mixed:  # zero-dimensional: one chunk, ()
             self._to_sparse()
         else:
             high = coords.max(axis=0) + 1
