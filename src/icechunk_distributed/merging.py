@@ -102,19 +102,14 @@ class ResultMerger:
                 return
             try:
                 merge_sessions(self.session, *snapshots)
+                self.n_merges += 1
+                if self.after_merge is not None:
+                    for i in indices:
+                        self.after_merge(i)
             except BaseException as exc:
                 if watcher:
                     self.error = exc
                 raise
-            self.n_merges += 1
-            if self.after_merge is not None:
-                try:
-                    for i in indices:
-                        self.after_merge(i)
-                except BaseException as exc:
-                    if watcher:
-                        self.error = exc
-                    raise
 
     def __enter__(self) -> ResultMerger:
         """With ``after_merge`` (a run that checkpoints), watch for results left waiting.
