@@ -365,18 +365,9 @@ def _check_overlaps(
         if mine != theirs:
             conflict(write, name, other_name, mine, theirs)
 
-    if any(item[0].live for item in todo):
-        for item in todo:  # a live fork's earlier writes are its own: chunk by chunk
-            own = ledger.own.get(item[0].uid, nobody)
-            for path, coords in changes_of[item[0].uid].chunks.items():
-                owners = ledger.chunks.get(path)
-                for c in coords:
-                    if not own or ("c", path, c) not in own:
-                        check("c", path, c, owners.get(c) if owners else None, item)
-    else:
-        for path, k, item in _suspects(ledger, todo, changes_of, seen_of):
-            owners = ledger.chunks.get(path)
-            check("c", path, k, owners.get(k) if owners else None, item)
+    for path, k, item in _suspects(ledger, todo, changes_of, seen_of):
+        owners = ledger.chunks.get(path)
+        check("c", path, k, owners.get(k) if owners else None, item)
     for item in todo:
         own = ledger.own.get(item[0].uid, nobody)
         for path in changes_of[item[0].uid].nodes:
@@ -389,17 +380,23 @@ def _check_overlaps(
 def _suspects(
     ledger: Ledger, todo: list[Item], changes_of: dict[str, Changes], seen_of: dict[str, int]
 ) -> list[tuple[str, ChunkCoords, Item]]:
-    """The chunks of frozen forks that need a closer look, in merge order.
+    """The chunks that need a closer look, in merge order.
 
     Those an earlier merge wrote that the fork could not see, and those two forks of this
     call both wrote: found for all the call's chunks of an array at once (numpy), so that a
-    merge costs a few array operations rather than a dict lookup per chunk.
+    merge costs a few array operations rather than a dict lookup per chunk. A live fork's
+    chunks merged before are its own: not looked at again.
     """
     by_path: dict[str, list[tuple[int, list[ChunkCoords]]]] = {}
     for n, (fork, _, _) in enumerate(todo):
+        own = ledger.own.get(fork.uid) if fork.live else None
         for path, coords in changes_of[fork.uid].chunks.items():
+            if own:
+                coords = [c for c in coords if ("c", path, c) not in own]
             if coords:
                 by_path.setdefault(path, []).append((n, coords))
+    mine = np.asarray([ledger.number(f.uid) for f, _, _ in todo], dtype=np.int32)
+    seen = np.asarray([seen_of[f.uid] for f, _, _ in todo], dtype=np.int64)
     out: list[tuple[int, int, str, ChunkCoords]] = []
     for path, parts in by_path.items():
         ndim = len(parts[0][1][0])
@@ -409,8 +406,6 @@ def _suspects(
         owners = ledger.chunks.get(path)
         if owners is not None:
             forks, versions = owners.lookup(rows)
-            mine = np.asarray([ledger.number(f.uid) for f, _, _ in todo], dtype=np.int32)
-            seen = np.asarray([seen_of[f.uid] for f, _, _ in todo], dtype=np.int64)
             suspect |= (forks != NOBODY) & (forks != mine[item_of]) & (seen[item_of] < versions)
         if len(parts) > 1:
             if ndim == 0:
