@@ -98,22 +98,41 @@ class RandomFailures:
 
 
 class GatedLoader:
-    """The ``n``-step dataset, but regions from ``open_until`` on never finish: they wait
-    while the coordinator that made the loader lives, then fail. A coordinator run with it
-    can make progress, but never complete, so a test can kill it midway."""
+    """The ``n``-step dataset, but only the first ``open_count`` regions to *start* finish:
+    the others wait while the coordinator that made the loader lives, then fail. A coordinator
+    run with it makes progress, but never completes, so a test can kill it midway.
 
-    def __init__(self, n=24, open_until=12, seconds=0.05):
-        self.n, self.open_until, self.seconds = n, open_until, seconds
+    Which regions get through is decided by tickets (files created with ``O_EXCL`` in
+    ``directory``), not by their index: however an engine orders or groups its calls, the
+    first calls to run get through, so progress never depends on scheduling.
+    """
+
+    def __init__(self, directory, n=24, open_count=12, seconds=0.05):
+        self.directory, self.n = str(directory), n
+        self.open_count, self.seconds = open_count, seconds
         self.coordinator = os.getpid()
 
     def __call__(self, region):
         if not _full(region, self.n):
-            if region["time"].start >= self.open_until:
+            if not self._ticket():
                 while _alive(self.coordinator):
                     time.sleep(0.05)
                 raise OSError("the coordinator is gone")
             time.sleep(self.seconds)
         return full_dataset(self.n).isel(region)
+
+    def _ticket(self) -> bool:
+        for k in range(self.open_count):
+            try:
+                fd = os.open(
+                    os.path.join(self.directory, f"ticket-{k}"),
+                    os.O_CREAT | os.O_EXCL | os.O_WRONLY,
+                )
+            except FileExistsError:
+                continue
+            os.close(fd)
+            return True
+        return False
 
 
 def _alive(pid: int) -> bool:

@@ -171,7 +171,7 @@ else:
     storage = s3.s3_storage(spec["endpoint"], spec["bucket"], spec["prefix"])
 repo = icechunk.Repository.open(storage)
 run_region_writes(
-    GatedLoader(), repo, template=full_dataset(24), mode="w-", task_size=1,
+    GatedLoader(sys.argv[3]), repo, template=full_dataset(24), mode="w-", task_size=1,
     encoding={"Tair": {"chunks": (1, 6, 8)}, "station": {"chunks": (1,)}},
     executor=sys.argv[2], run_id="killed", checkpoint_every=0.05, workers=2,
 )
@@ -187,7 +187,9 @@ def test_coordinator_killed_then_resumed(engine, storage, tmp_path):
         runs = list_runs(storage.open())
         return bool(runs) and runs[0].n_done >= 4
 
-    args = [storage.spec(), name]
+    gate = tmp_path / "gate"
+    gate.mkdir()
+    args = [storage.spec(), name, str(gate)]
     kill_when(COORDINATOR, args, far_enough, tmp_path / "coordinator.log")
     repo = storage.open()
     (run,) = list_runs(repo)
