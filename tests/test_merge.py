@@ -113,6 +113,26 @@ def test_identical_overlap_is_accepted(repo):
     assert (committed(repo)[6:8] == 3).all()
 
 
+def test_an_array_recreated_with_other_dims_by_one_fork_of_a_call(repo):
+    """One fork writes the 1-d array, another re-creates it 2-d: refused before anything is
+    merged (icechunk refuses it after merging the first fork; our checks once crashed on
+    the mixed coordinates)."""
+    with_array(repo, shape=(4,), chunks=(2,))
+    session = writable_session(repo)
+    with session.allow_pickling() as snap:
+        a = write_block(shipped(snap), "a", (slice(0, 2),), 1.0)
+        b = shipped(snap)
+        zarr.create_array(b.store, name="a", shape=(4, 4), chunks=(2, 2), dtype="f4",
+                          fill_value=0.0, overwrite=True)  # fmt: skip
+        write_block(b, "a", (slice(2, 4), slice(2, 4)), 5.0)
+    with pytest.raises(OverlappingWritesError, match=r"re-created '/a'.*Nothing was merged"):
+        merge_sessions(session, returned(a), returned(b))
+    assert_nothing_merged(session)
+    merge_sessions(session, returned(b))  # alone, the re-created array merges
+    session.commit("2-d")
+    assert committed(repo).shape == (4, 4) and (committed(repo)[2:, 2:] == 5).all()
+
+
 def test_foreign_snapshot_is_refused(repo, other_repo):
     with_array(repo)
     with_array(other_repo)

@@ -70,6 +70,7 @@ class Changes:
     chunks: dict[str, list[ChunkCoords]]
     nodes: frozenset[str]
     new_nodes: frozenset[str]
+    deleted: frozenset[str] = frozenset()  # deleted (or deleted and re-created) nodes
 
     @staticmethod
     def of(session: Session) -> Changes:
@@ -77,9 +78,15 @@ class Changes:
         diff = session.status()
         new = diff.new_arrays | diff.new_groups
         nodes = new | diff.updated_arrays | diff.updated_groups
-        nodes |= diff.deleted_arrays | diff.deleted_groups
+        deleted = diff.deleted_arrays | diff.deleted_groups
+        nodes |= deleted
         chunks = {path: [tuple(c) for c in coords] for path, coords in diff.updated_chunks.items()}
-        return Changes(chunks=chunks, nodes=frozenset(nodes), new_nodes=frozenset(new))
+        return Changes(
+            chunks=chunks,
+            nodes=frozenset(nodes),
+            new_nodes=frozenset(new),
+            deleted=frozenset(deleted),
+        )
 
     def is_empty(self) -> bool:
         """Whether nothing was changed."""

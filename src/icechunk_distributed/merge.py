@@ -253,8 +253,10 @@ def merge_forks(target: Target, items: list[Item], *, replay: Collection[Fork] =
                 if fork.seen is None:
                     raw.append((fork, name, changes_of[fork.uid]))
         _check_raw_objects(target, raw)
+        _check_deletions(todo, changes_of)
         seen_of = {fork.uid: ledger.seen_of(fork) for fork, _, _ in todo}
-        _check_overlaps(target, todo, changes_of, seen_of)
+        written = _gather(ledger, todo, changes_of)
+        _check_overlaps(target, todo, changes_of, seen_of, written)
 
         forks = [fork for fork, _, _ in todo]
         if len(set(seen_of.values())) > 1:
@@ -266,9 +268,35 @@ def merge_forks(target: Target, items: list[Item], *, replay: Collection[Fork] =
         if any(not f.live or _is_new(ledger, f, changes_of[f.uid]) for f in forks):
             ledger.version += 1
         version = ledger.version
+        _record_chunks(ledger, todo, forks, written, version)
         for fork in forks:
             _record(ledger, fork, changes_of[fork.uid], version)
         return forks
+
+
+def _check_deletions(todo: list[Item], changes_of: dict[str, Changes]) -> None:
+    """Refuse a call where one fork deleted (or re-created) a node another one wrote to.
+
+    Icechunk refuses such a pair too, but only after merging the forks before it: checked
+    here, nothing is merged.
+    """
+    deleted = [(item, p) for item in todo for p in changes_of[item[0].uid].deleted]
+    if not deleted or len(todo) < 2:
+        return
+    for (fork, _, name), path in deleted:
+        for other, _, other_name in todo:
+            if other is fork:
+                continue
+            theirs = changes_of[other.uid]
+            touched = set(theirs.chunks) | theirs.nodes
+            if any(t == path or t.startswith(path.rstrip("/") + "/") for t in touched):
+                raise OverlappingWritesError(
+                    f"{name} deleted or re-created {path!r}, which {other_name} wrote to; "
+                    "the two could not see each other's writes (tasks of one fan-out), and "
+                    "icechunk cannot merge both. Nothing was merged. Create or re-create "
+                    "arrays before the fan-out (in the template), not inside tasks.",
+                    [(path, ())],
+                )
 
 
 def _is_new(ledger: Ledger, fork: Fork, changes: Changes) -> bool:
@@ -280,13 +308,90 @@ def _is_new(ledger: Ledger, fork: Fork, changes: Changes) -> bool:
     )
 
 
+@dataclass(frozen=True, slots=True)
+class _Written:
+    """One array's chunks written by a merge call's forks, as one block of coordinates.
+
+    A live fork's chunks merged before are left out.
+    """
+
+    path: str
+    rows: np.ndarray  # (n, ndim) chunk coordinates
+    item_of: np.ndarray  # (n,) the writer: an index into the call's items
+    repeated: np.ndarray | None  # (n,) written by two forks of the call; None: one fork wrote
+
+    def of_item(self, n: int) -> np.ndarray:
+        """The rows item ``n`` wrote."""
+        rows: np.ndarray = self.rows[self.item_of == n]
+        return rows
+
+
+def _gather(ledger: Ledger, todo: list[Item], changes_of: dict[str, Changes]) -> list[_Written]:
+    """Every chunk the call's forks wrote, one block per array (and dimensionality).
+
+    Built once per merge call, then used both to find suspects and to record the owners: a
+    merge costs a few array operations per array, not per fork.
+    """
+    parts: dict[tuple[str, int], tuple[list[ChunkCoords], list[int], list[int]]] = {}
+    for n, (fork, _, _) in enumerate(todo):
+        own = ledger.own.get(fork.uid) if fork.live else None
+        for path, coords in changes_of[fork.uid].chunks.items():
+            if own:
+                coords = [c for c in coords if ("c", path, c) not in own]
+            if coords:
+                # Keyed by dimensionality too: an array re-created at the same path with
+                # other dims between two forks' making gives two blocks.
+                block = parts.setdefault((path, len(coords[0])), ([], [], []))
+                block[0].extend(coords)
+                block[1].append(n)
+                block[2].append(len(coords))
+    out = []
+    for (path, ndim), (coords, items, counts) in parts.items():
+        rows = coords_array(coords, ndim)
+        item_of = np.repeat(np.asarray(items, dtype=np.int64), counts)
+        out.append(_Written(path, rows, item_of, _repeated(rows) if len(items) > 1 else None))
+    return out
+
+
+def _repeated(rows: np.ndarray) -> np.ndarray:
+    """For each row of coordinates, whether it occurs more than once in ``rows``."""
+    if rows.shape[1] == 0:
+        return np.ones(len(rows), dtype=bool)
+    high = rows.max(axis=0) + 1
+    if float(np.prod(high, dtype=np.float64)) < 2**62:
+        # One integer per chunk: a 1-d unique, much cheaper than a unique over rows.
+        keys = np.ravel_multi_index(tuple(rows.T), tuple(high.tolist()))
+        _, inverse, counts = np.unique(keys, return_inverse=True, return_counts=True)
+    else:  # pragma: no cover - a grid of more than 2**62 chunks
+        _, inverse, counts = np.unique(rows, axis=0, return_inverse=True, return_counts=True)
+    repeated: np.ndarray = counts[inverse.reshape(-1)] > 1
+    return repeated
+
+
+def _record_chunks(
+    ledger: Ledger, todo: list[Item], order: list[Fork], written: list[_Written], version: int
+) -> None:
+    """Record who wrote each chunk merged (forks in merge ``order``: the last writer wins)."""
+    mine = np.asarray([ledger.number(f.uid) for f, _, _ in todo], dtype=np.int32)
+    for block in written:
+        owners = ledger.chunks.setdefault(block.path, ChunkOwners())
+        if block.repeated is None or not block.repeated.any():
+            owners.record(block.rows, mine[block.item_of], version)
+            continue
+        # Two forks wrote one chunk (with the same bytes, or the merge was refused): one
+        # fork after the other, so that the later one is the owner.
+        rank = {f.uid: k for k, f in enumerate(order)}
+        for n in sorted(set(block.item_of.tolist()), key=lambda n: rank[todo[n][0].uid]):
+            owners.record(block.of_item(n), int(mine[n]), version)
+
+
 def _record(ledger: Ledger, fork: Fork, changes: Changes, version: int) -> None:
+    """Record the fork's nodes, and what identifies it in later merges.
+
+    Its chunks are recorded by :func:`_record_chunks`.
+    """
     number = ledger.number(fork.uid)
     if not fork.live:
-        for path, coords in changes.chunks.items():
-            if coords:
-                owners = ledger.chunks.setdefault(path, ChunkOwners())
-                owners.record(coords_array(coords, len(coords[0])), number, version)
         for path in changes.nodes:
             ledger.nodes[path] = (number, version)
         if fork.seen is not None:  # a raw fork has no identity across calls
@@ -294,11 +399,7 @@ def _record(ledger: Ledger, fork: Fork, changes: Changes, version: int) -> None:
         return
     own = ledger.own.setdefault(fork.uid, set())
     for path, coords in changes.chunks.items():
-        new = [c for c in coords if ("c", path, c) not in own]
-        if new:
-            owners = ledger.chunks.setdefault(path, ChunkOwners())
-            owners.record(coords_array(new, len(new[0])), number, version)
-            own.update(("c", path, c) for c in new)
+        own.update(("c", path, c) for c in coords)
     for path in changes.nodes:
         w = ("n", path, ())
         if w not in own:
@@ -320,7 +421,11 @@ def _as_ref(content: object) -> str:
 
 
 def _check_overlaps(
-    target: Target, todo: list[Item], changes_of: dict[str, Changes], seen_of: dict[str, int]
+    target: Target,
+    todo: list[Item],
+    changes_of: dict[str, Changes],
+    seen_of: dict[str, int],
+    written: list[_Written],
 ) -> None:
     """Raise :class:`OverlappingWritesError` for writes that collide (see the module notes)."""
     ledger = target.ledger
@@ -365,7 +470,7 @@ def _check_overlaps(
         if mine != theirs:
             conflict(write, name, other_name, mine, theirs)
 
-    for path, k, item in _suspects(ledger, todo, changes_of, seen_of):
+    for path, k, item in _suspects(ledger, todo, seen_of, written):
         owners = ledger.chunks.get(path)
         check("c", path, k, owners.get(k) if owners else None, item)
     for item in todo:
@@ -378,44 +483,28 @@ def _check_overlaps(
 
 
 def _suspects(
-    ledger: Ledger, todo: list[Item], changes_of: dict[str, Changes], seen_of: dict[str, int]
+    ledger: Ledger, todo: list[Item], seen_of: dict[str, int], written: list[_Written]
 ) -> list[tuple[str, ChunkCoords, Item]]:
     """The chunks that need a closer look, in merge order.
 
     Those an earlier merge wrote that the fork could not see, and those two forks of this
     call both wrote: found for all the call's chunks of an array at once (numpy), so that a
     merge costs a few array operations rather than a dict lookup per chunk. A live fork's
-    chunks merged before are its own: not looked at again.
+    chunks merged before are its own: not looked at again (:func:`_gather` left them out).
     """
-    by_path: dict[str, list[tuple[int, list[ChunkCoords]]]] = {}
-    for n, (fork, _, _) in enumerate(todo):
-        own = ledger.own.get(fork.uid) if fork.live else None
-        for path, coords in changes_of[fork.uid].chunks.items():
-            if own:
-                coords = [c for c in coords if ("c", path, c) not in own]
-            if coords:
-                by_path.setdefault(path, []).append((n, coords))
     mine = np.asarray([ledger.number(f.uid) for f, _, _ in todo], dtype=np.int32)
     seen = np.asarray([seen_of[f.uid] for f, _, _ in todo], dtype=np.int64)
     out: list[tuple[int, int, str, ChunkCoords]] = []
-    for path, parts in by_path.items():
-        ndim = len(parts[0][1][0])
-        rows = np.concatenate([coords_array(c, ndim) for _, c in parts])
-        item_of = np.repeat([n for n, _ in parts], [len(c) for _, c in parts])
+    for block in written:
+        rows, item_of = block.rows, block.item_of
         suspect = np.zeros(len(rows), dtype=bool)
-        owners = ledger.chunks.get(path)
+        owners = ledger.chunks.get(block.path)
         if owners is not None:
             forks, versions = owners.lookup(rows)
             suspect |= (forks != NOBODY) & (forks != mine[item_of]) & (seen[item_of] < versions)
-        if len(parts) > 1:
-            if ndim == 0:
-                suspect[:] = True
-            else:
-                _, inverse, counts = np.unique(
-                    rows, axis=0, return_inverse=True, return_counts=True
-                )
-                suspect |= counts[inverse.reshape(-1)] > 1
+        if block.repeated is not None:
+            suspect |= block.repeated
         for k in np.flatnonzero(suspect).tolist():
-            out.append((int(item_of[k]), k, path, tuple(rows[k].tolist())))
+            out.append((int(item_of[k]), k, block.path, tuple(rows[k].tolist())))
     out.sort(key=lambda t: (t[0], t[1]))  # item by item, as the forks are merged
     return [(path, c, todo[n]) for n, _, path, c in out]

@@ -72,8 +72,11 @@ class ChunkOwners:
         forks, versions = self.lookup(coords_array([c], len(c)))
         return None if forks[0] == NOBODY else (int(forks[0]), int(versions[0]))
 
-    def record(self, coords: np.ndarray, fork: int, version: int) -> None:
-        """``fork`` wrote the chunks at ``coords``, merged at ``version``."""
+    def record(self, coords: np.ndarray, fork: int | np.ndarray, version: int) -> None:
+        """``fork`` wrote the chunks at ``coords``, merged at ``version``.
+
+        ``fork`` is one fork number, or one per row of ``coords`` (no coordinates twice).
+        """
         if not len(coords):
             return
         self.n += len(coords)
@@ -94,9 +97,13 @@ class ChunkOwners:
                 if self._box_ok(self._high):
                     self._to_dense()
         if self._sparse is not None:
-            entry = (fork, version)
-            for c in map(tuple, coords.tolist()):
-                self._sparse[c] = entry
+            if isinstance(fork, np.ndarray):
+                for c, f in zip(map(tuple, coords.tolist()), fork.tolist(), strict=True):
+                    self._sparse[c] = (f, version)
+            else:
+                entry = (fork, version)
+                for c in map(tuple, coords.tolist()):
+                    self._sparse[c] = entry
             return
         assert self.fork is not None
         assert self.version is not None
