@@ -31,9 +31,8 @@ from icechunk_distributed.runner import (
     LoopFailure,
     TaskLoop,
     batch_rule,
-    run_batch,
 )
-from icechunk_distributed.task import TaskOutput
+from icechunk_distributed.task import TaskOutput, run_call
 
 if TYPE_CHECKING:
     from icechunk_distributed.adapters import Adapter
@@ -117,7 +116,8 @@ def run_region_tasks(
 
         loop = TaskLoop(
             adapter,
-            functools.partial(run_batch, fn),
+            # Several tasks per call: their forks are combined there (one merge per call).
+            functools.partial(run_call, fn),
             retries=retries,
             is_success=lambda out: isinstance(out, TaskOutput) and out.ok,
             describe_error=describe_result,
@@ -125,6 +125,7 @@ def run_region_tasks(
             on_success=on_success,
             batch_size=batch_size,
             backups=backups,
+            is_shared=lambda out: isinstance(out, TaskOutput) and out.shared,
             observers=observers if indices is None else [_Renumbered(o, number) for o in observers],
         )
         failed = loop.run(len(regions), make_arg)

@@ -80,7 +80,9 @@ class ResultMerger:
             if not self._indices:
                 self._since = now
             self._indices.append(index)
-            self._snapshots.append(snapshot)
+            # The tasks of one call share a snapshot (task.run_call): held once.
+            if not self._snapshots or self._snapshots[-1] is not snapshot:
+                self._snapshots.append(snapshot)
             n = len(self._indices)
         if sparse or n >= self.max_batch or now - self._since >= self.max_delay:
             self.flush()

@@ -230,6 +230,11 @@ class TaskLoop:
         then runs ``fn([arg, ...])``, which returns one result per argument, in order.
     backups : Backups, optional
         Straggler backups, for adapters that declare ``supports_backups``.
+    is_shared : callable, optional
+        Whether a call's results share one snapshot (written by all its tasks): such a
+        call is taken whole or not at all. If another copy of the call already resolved
+        some of its tasks, the others go again (not counted as a failure) rather than merge
+        the first ones' writes twice.
     observers : sequence of ProgressObserver
         Receive every event (closing them is the caller's job).
 
@@ -253,9 +258,11 @@ class TaskLoop:
         is_retryable: Callable[[Any], bool] | None = None,
         batch_size: Callable[[int], int] | None = None,
         backups: Backups | None = None,
+        is_shared: Callable[[Any], bool] | None = None,
         observers: Sequence[ProgressObserver] = (),
     ) -> None:
         self.adapter, self.fn, self.retries = adapter, fn, retries
+        self.is_shared = is_shared
         self.is_success, self.describe_error = is_success, describe_error
         self.is_retryable = is_retryable
         self.on_success = on_success
@@ -392,6 +399,8 @@ class TaskLoop:
 
     def report(self, kind: EventKind, i: int, error: str | None = None) -> None:
         """Send an event about task ``i`` to every observer."""
+        if not self.observers:
+            return  # nobody listens: no event is made (one per task otherwise)
         event = ProgressEvent(
             kind, i, self._attempts[i], self.n_done, len(self.failures), self.n_total, error
         )
@@ -410,6 +419,8 @@ class TaskLoop:
             pairs = [(i, result) for i in group]  # the whole call failed
         else:
             pairs = list(zip(group, result, strict=True))
+            if self._partly_resolved(group, result):
+                return
         all_ok = True
         for i, res in pairs:
             if i not in rnd.unresolved:
@@ -428,6 +439,25 @@ class TaskLoop:
             self._durations.append(time.monotonic() - t0)
         if rnd.unresolved.isdisjoint(group):
             rnd.since.pop(group, None)
+
+    def _partly_resolved(self, group: Group, result: list[Any]) -> bool:
+        """Whether ``result`` is shared and another copy resolved some of its tasks.
+
+        Its open tasks then go again: their writes come with the others', which must not
+        be merged twice.
+        """
+        if self.is_shared is None or not result or not self.is_shared(result[0]):
+            return False
+        rnd = self._round
+        open_tasks = [i for i in group if i in rnd.unresolved]
+        if len(open_tasks) in (0, len(group)):
+            return False
+        for i in open_tasks:
+            rnd.unresolved.discard(i)
+            rnd.retry.append(i)
+        if rnd.unresolved.isdisjoint(group):
+            rnd.since.pop(group, None)
+        return True
 
     def _engine_failed(self, exc: Exception) -> None:
         """The engine failed as a whole (e.g. joblib lost a worker).

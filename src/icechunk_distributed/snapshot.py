@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import threading
+import uuid
 from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
@@ -21,7 +22,13 @@ from icechunk_distributed.merge import Item, Ledger, Lineage, Target
 if TYPE_CHECKING:
     from icechunk import ForkSession, IcechunkStore
 
-__all__ = ["SessionSnapshot", "pickling_window", "snapshot_items", "snapshot_target"]
+__all__ = [
+    "SessionSnapshot",
+    "combine_snapshots",
+    "pickling_window",
+    "snapshot_items",
+    "snapshot_target",
+]
 
 
 def _rebuild_snapshot(state: dict[str, Any]) -> SessionSnapshot:
@@ -53,7 +60,7 @@ class SessionSnapshot:
     _seed: Seed | None
     _live: dict[int, Fork]
     _carried: list[Fork]
-    _ledger: Ledger
+    _ledger: Ledger | None  # made when the snapshot is a merge target (rarely)
     _lock: threading.Lock
 
     def __init__(self) -> None:
@@ -66,7 +73,7 @@ class SessionSnapshot:
         self._seed = seed
         self._live = {}
         self._carried = carried
-        self._ledger = Ledger()
+        self._ledger = None
         self._lock = threading.Lock()
 
     @classmethod
@@ -197,7 +204,10 @@ def snapshot_target(snapshot: SessionSnapshot) -> Target:
     """A snapshot as the base of a merge (on a worker: a tree reduction)."""
     fork = snapshot._live_fork()
     lineage = snapshot.lineage
-    ledger = snapshot._ledger
+    with snapshot._lock:
+        if snapshot._ledger is None:
+            snapshot._ledger = Ledger()
+        ledger = snapshot._ledger
     if ledger.version < lineage.version:  # forks of this block were made at it
         ledger.version = lineage.version
     return Target(fork.session(), lineage, ledger, "the snapshot")
@@ -207,3 +217,43 @@ def snapshot_items(snapshot: SessionSnapshot, name: str) -> list[Item]:
     """A snapshot's forks, each with the snapshot's lineage (if known), to merge."""
     lineage = snapshot._seed.lineage if snapshot._seed is not None else None
     return [(f, lineage, name) for f in snapshot._all_forks()]
+
+
+def combine_snapshots(snapshots: list[SessionSnapshot]) -> SessionSnapshot | None:
+    """The writes of several tasks' snapshots as one snapshot with one fork, or None.
+
+    Run where the tasks ran (one engine call of several tasks): the coordinator then merges
+    one fork per call instead of one per task. Only snapshots that can be combined without
+    changing what the merge would decide are: each holds one sealed fork, all made from the
+    same seed, writing chunks only, no chunk twice (their overlaps are the coordinator's to
+    judge). None otherwise; the snapshots are then returned as they are.
+    """
+    if len(snapshots) < 2:
+        return None
+    forks: list[Fork] = []
+    lineage = snapshots[0]._seed.lineage if snapshots[0]._seed is not None else None
+    for snap in snapshots:
+        mine = snap._all_forks()
+        if snap._seed is None or snap._seed.lineage != lineage or len(mine) != 1:
+            return None
+        fork = mine[0]
+        if fork.live or fork.seen is None or fork.changes().nodes:
+            return None
+        forks.append(fork)
+    chunks: dict[str, list[tuple[int, ...]]] = {}
+    for fork in forks:
+        for path, coords in fork.changes().chunks.items():
+            chunks.setdefault(path, []).extend(coords)
+    if any(len(set(coords)) < len(coords) for coords in chunks.values()):
+        return None
+    session = forks[0].session()
+    session.merge(*(f.session() for f in forks[1:]))
+    combined = Fork(
+        uid=uuid.uuid4().hex,
+        seen=forks[0].seen,
+        session=session,
+        changes=Changes(chunks=chunks, nodes=frozenset(), new_nodes=frozenset()),
+    )
+    out = SessionSnapshot.__new__(SessionSnapshot)
+    out._init(coordinator=None, seed=snapshots[0]._seed, carried=[combined])
+    return out

@@ -27,6 +27,7 @@ from icechunk_distributed.errors import PieceMismatchError
 from icechunk_distributed.planning import Region, format_region
 from icechunk_distributed.references import is_virtual, write_references
 from icechunk_distributed.session import SessionSnapshot
+from icechunk_distributed.snapshot import combine_snapshots
 
 __all__ = [
     "Expectations",
@@ -35,6 +36,7 @@ __all__ = [
     "TaskInput",
     "TaskOutput",
     "open_array",
+    "run_call",
     "run_task",
     "same_dtype",
     "write_variables",
@@ -81,7 +83,8 @@ class TaskOutput:
     """What a task sends home: its snapshot on success, the error otherwise.
 
     ``retryable`` is False for failures another attempt cannot fix (a loader returning the
-    wrong piece).
+    wrong piece). ``shared``: the snapshot holds the writes of every task of its engine call
+    (:func:`run_call`), and is merged whole.
     """
 
     index: int
@@ -95,6 +98,7 @@ class TaskOutput:
     n_chunks: int = 0
     nbytes: int = 0
     retryable: bool = True
+    shared: bool = False
 
     def __getstate__(self) -> dict[str, Any]:
         # The exception travels as cloudpickle bytes: engines pickle results with plain
@@ -139,9 +143,16 @@ class Expectations:
         return known
 
 
+_NAMES: dict[tuple[int, int], str] = {}
+
+
 def worker_name() -> str:
-    """``host:pid:thread`` of the calling worker."""
-    return f"{socket.gethostname()}:{os.getpid()}:{threading.current_thread().name}"
+    """``host:pid:thread`` of the calling worker (one string per thread, not per task)."""
+    key = (os.getpid(), threading.get_ident())
+    name = _NAMES.get(key)
+    if name is None or not name.endswith(":" + threading.current_thread().name):
+        name = _NAMES[key] = f"{socket.gethostname()}:{key[0]}:{threading.current_thread().name}"
+    return name
 
 
 _STRING_KINDS = frozenset("OUST")
@@ -409,3 +420,20 @@ def run_task(arg: TaskInput | bytes) -> TaskOutput:
     inp = shipping.loads(arg)
     assert isinstance(inp, TaskInput)
     return execute(inp)
+
+
+def run_call(fn: Callable[[Any], TaskOutput], args: list[Any]) -> list[TaskOutput]:
+    """One engine call of several tasks: run each, then combine their snapshots.
+
+    When every task succeeded, their forks are merged here into one (see
+    :func:`~icechunk_distributed.snapshot.combine_snapshots`), which every output carries:
+    the coordinator merges one fork per call. A call with a failure returns each task's own.
+    """
+    outs = [fn(arg) for arg in args]
+    if len(outs) < 2 or not all(o.ok and o.snapshot is not None for o in outs):
+        return outs
+    combined = combine_snapshots([o.snapshot for o in outs if o.snapshot is not None])
+    if combined is not None:
+        for out in outs:
+            out.snapshot, out.shared = combined, True
+    return outs
