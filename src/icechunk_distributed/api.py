@@ -26,7 +26,7 @@ from icechunk_distributed.commitsize import (
 )
 from icechunk_distributed.planning import Region
 from icechunk_distributed.progress import Progress
-from icechunk_distributed.results import WriteResult
+from icechunk_distributed.results import WriteResult, total_bytes, total_chunks
 from icechunk_distributed.resume import ResumableRun, write_resumable
 from icechunk_distributed.runner import Backups
 from icechunk_distributed.session import DistributedSession, writable_session
@@ -286,8 +286,8 @@ def run_region_writes(
         snapshot_id=snapshot_id,
         branch=branch if run is not None else written_to,
         n_regions=len(plan.regions),
-        n_chunks=sum(r.n_chunks for r in records),
-        bytes_written=sum(r.nbytes for r in records),
+        n_chunks=total_chunks(records),
+        bytes_written=total_bytes(records),
         seconds=time.perf_counter() - t0,
         tasks=records,
         executor=adapter.name,
@@ -354,8 +354,8 @@ task_size, encoding, executor, workers
     )
     try:
         if parallelism is not None:
-            return writer.plan(parallelism=parallelism)
+            return list(writer.plan(parallelism=parallelism))
         with open_adapter(executor, workers=options.check_workers(workers)) as adapter:
-            return writer.plan(**writer.limits_for(adapter.capabilities))
+            return list(writer.plan(**writer.limits_for(adapter.capabilities)))
     finally:
         writer.discard()

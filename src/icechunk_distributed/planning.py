@@ -11,16 +11,18 @@ from __future__ import annotations
 import math
 import os
 import re
-from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
-from typing import Any
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass, field, replace
+from typing import Any, overload
 
 import numpy as np
 
 from icechunk_distributed.errors import InvalidRegionError
 
 __all__ = [
+    "Picked",
     "Region",
+    "TiledRegions",
     "WritePlan",
     "build_plan",
     "check_slice",
@@ -72,6 +74,73 @@ def parse_bytes(size: str | int) -> int:
     return int(float(match.group(1)) * _UNITS[match.group(2).lower()])
 
 
+class TiledRegions(Sequence[Region]):
+    """The plan's own regions: a grid of tiles, held as each dim's tile bounds.
+
+    A region (a dict) is made when asked for: a million regions cost a few MB, not the
+    ~300 bytes each of a list of dicts. Regions are numbered in C order of the tile grid
+    (the last region dim varies fastest), as before.
+    """
+
+    def __init__(self, dims: Sequence[str], bounds: Sequence[np.ndarray]) -> None:
+        self.dims = tuple(dims)
+        self._starts = [b[:, 0].tolist() for b in bounds]
+        self._stops = [b[:, 1].tolist() for b in bounds]
+        self._shape = tuple(len(b) for b in bounds)
+        self._n = math.prod(self._shape)
+
+    def __len__(self) -> int:
+        return self._n
+
+    @overload
+    def __getitem__(self, i: int) -> Region: ...
+    @overload
+    def __getitem__(self, i: slice) -> list[Region]: ...
+    def __getitem__(self, i: int | slice) -> Region | list[Region]:
+        if isinstance(i, slice):
+            return [self[k] for k in range(*i.indices(self._n))]
+        if i < 0:
+            i += self._n
+        if not 0 <= i < self._n:
+            raise IndexError(f"region {i} of {self._n}")
+        at = [0] * len(self._shape)
+        for k in range(len(self._shape) - 1, -1, -1):
+            i, at[k] = divmod(i, self._shape[k])
+        return {
+            d: slice(self._starts[k][j], self._stops[k][j])
+            for k, (d, j) in enumerate(zip(self.dims, at, strict=True))
+        }
+
+    def __iter__(self) -> Iterator[Region]:
+        for at in np.ndindex(*self._shape):
+            yield {
+                d: slice(self._starts[k][j], self._stops[k][j])
+                for k, (d, j) in enumerate(zip(self.dims, at, strict=True))
+            }
+
+    def __repr__(self) -> str:
+        return f"<TiledRegions: {len(self)} over {list(self.dims)}>"
+
+
+class Picked(Sequence[Region]):
+    """The regions at ``indices`` of ``regions``, looked up when asked for."""
+
+    def __init__(self, regions: Sequence[Region], indices: Sequence[int]) -> None:
+        self.regions, self.indices = regions, indices
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    @overload
+    def __getitem__(self, i: int) -> Region: ...
+    @overload
+    def __getitem__(self, i: slice) -> list[Region]: ...
+    def __getitem__(self, i: int | slice) -> Region | list[Region]:
+        if isinstance(i, slice):
+            return [self.regions[k] for k in self.indices[i]]
+        return self.regions[self.indices[i]]
+
+
 @dataclass(frozen=True)
 class WritePlan:
     """What the tasks write: variables, their chunk grids, and the regions.
@@ -87,8 +156,8 @@ class WritePlan:
         dims a ``region=`` places).
     units : dict
         For each variable written by tasks, its write unit (shard or chunk) per dimension.
-    regions : list of dict
-        The regions, in source coordinates.
+    regions : sequence of dict
+        The regions, in source coordinates (a :class:`TiledRegions` for the plan's own).
     """
 
     region_dims: tuple[str, ...]
@@ -97,7 +166,7 @@ class WritePlan:
     units: dict[str, dict[str, int]]
     dims: dict[str, tuple[str, ...]]
     itemsizes: dict[str, int]
-    regions: list[Region] = field(default_factory=list)
+    regions: Sequence[Region] = field(default_factory=list)
 
     @property
     def n_chunks(self) -> int:
@@ -212,14 +281,17 @@ def build_plan(
         itemsizes=dict(itemsizes),
     )
     if regions is None:
-        plan.regions.extend(_plan(plan, task_size, parallelism, max_task_bytes))
+        plan = replace(plan, regions=_plan(plan, task_size, parallelism, max_task_bytes))
+        # Tiles of allowed edges: aligned, disjoint and covering by construction, so only
+        # the checks that do not look at each region (a region costs microseconds, and a
+        # plan may have millions; test_planning checks the tiling).
+        validate_regions(plan, require_cover=require_cover, each=False)
     else:
         for i, region in enumerate(regions):
             _check_raw_region(i, region, sizes)
-        plan.regions.extend(
-            {k: slice(*_bounds(v, sizes.get(k, 0))) for k, v in r.items()} for r in regions
-        )
-    validate_regions(plan, require_cover=require_cover)
+        explicit = [{k: slice(*_bounds(v, sizes.get(k, 0))) for k, v in r.items()} for r in regions]
+        plan = replace(plan, regions=explicit)
+        validate_regions(plan, require_cover=require_cover)
     return plan
 
 
@@ -269,7 +341,7 @@ def _plan(
     task_size: int | str | None,
     parallelism: int | None,
     max_task_bytes: int | None = None,
-) -> list[Region]:
+) -> Sequence[Region]:
     # Units along each region dim: intervals between edges allowed for every variable.
     edges: dict[str, np.ndarray] = {}
     for dim in plan.region_dims:
@@ -279,7 +351,7 @@ def _plan(
     n_units = {dim: len(e) - 1 for dim, e in edges.items()}
     total_units = math.prod(n_units.values()) if n_units else 1
     if total_units == 0:
-        return []
+        return []  # nothing to write
     whole = {dim: slice(0, plan.sizes[dim]) for dim in plan.region_dims}
     unit_bytes = max(1, plan.bytes_in(whole) // total_units)
     if isinstance(task_size, int) and not isinstance(task_size, bool):
@@ -302,19 +374,16 @@ def _plan(
     for dim in reversed(plan.region_dims):
         block[dim] = max(1, min(n_units[dim], remaining))
         remaining = max(1, remaining // block[dim])
-    regions: list[Region] = []
-    starts = [range(0, n_units[d], block[d]) for d in plan.region_dims]
-    for index in np.ndindex(*(len(s) for s in starts)):
-        region: Region = {}
-        for dim, s, i in zip(plan.region_dims, starts, index, strict=True):
-            first = s[i]
-            last = min(first + block[dim], n_units[dim])
-            region[dim] = slice(int(edges[dim][first]), int(edges[dim][last]))
-        regions.append(region)
-    return regions
+    # Each dim's tiles: blocks of units, the last one possibly shorter.
+    bounds = []
+    for dim in plan.region_dims:
+        first = np.arange(0, n_units[dim], block[dim])
+        last = np.minimum(first + block[dim], n_units[dim])
+        bounds.append(np.stack([edges[dim][first], edges[dim][last]], axis=1).astype(np.int64))
+    return TiledRegions(plan.region_dims, bounds)
 
 
-def validate_regions(plan: WritePlan, *, require_cover: bool = True) -> None:
+def validate_regions(plan: WritePlan, *, require_cover: bool = True, each: bool = True) -> None:
     """Check the plan's regions; raise :class:`InvalidRegionError` naming what is wrong.
 
     Parameters
@@ -323,9 +392,12 @@ def validate_regions(plan: WritePlan, *, require_cover: bool = True) -> None:
         The plan whose ``regions`` to check.
     require_cover : bool
         Whether the regions must cover the whole extent of the region dims.
+    each : bool
+        Check each region's bounds and alignment, and that they are disjoint and cover
+        the extent (False for the plan's own tiling, which is so by construction).
     """
     sizes, offsets = plan.sizes, plan.offsets
-    for i, region in enumerate(plan.regions):
+    for i, region in enumerate(plan.regions if each else ()):
         for dim, s in region.items():
             if dim not in plan.region_dims:
                 raise InvalidRegionError(
@@ -368,7 +440,8 @@ def validate_regions(plan: WritePlan, *, require_cover: bool = True) -> None:
                     f"every task would write all of {var!r}. Leave {dim!r} out of region_dims, "
                     f"or write {var!r} separately."
                 )
-    _check_disjoint_cover(plan, require_cover)
+    if each:
+        _check_disjoint_cover(plan, require_cover)
 
 
 def _check_disjoint_cover(plan: WritePlan, require_cover: bool) -> None:

@@ -2,15 +2,24 @@
 
 from __future__ import annotations
 
+from array import array
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, overload
 
 from icechunk_distributed.planning import Region
 
 if TYPE_CHECKING:
     from icechunk_distributed.session import DistributedSession
 
-__all__ = ["TaskFailure", "TaskRecord", "WriteResult"]
+__all__ = [
+    "TaskFailure",
+    "TaskRecord",
+    "TaskRecords",
+    "WriteResult",
+    "total_bytes",
+    "total_chunks",
+]
 
 
 @dataclass(frozen=True)
@@ -24,6 +33,108 @@ class TaskRecord:
     worker: str
     n_chunks: int
     nbytes: int
+
+
+class TaskRecords(Sequence[TaskRecord]):
+    """The records of a run's regions, held as columns.
+
+    A :class:`TaskRecord` is made when one is asked for. A million records cost about 40 MB
+    this way, against some 200 MB as objects. Regions come from the plan (``regions``),
+    looked up by index. Records are added as tasks finish; :meth:`sort` puts them in region
+    order.
+    """
+
+    def __init__(self, regions: Sequence[Region]) -> None:
+        self._regions = regions
+        self._index = array("q")
+        self._seconds = array("d")
+        self._attempts = array("i")
+        self._worker = array("i")
+        self._n_chunks = array("q")
+        self._nbytes = array("q")
+        self._workers: list[str] = []
+        self._worker_ids: dict[str, int] = {}
+
+    def add(
+        self, index: int, seconds: float, attempts: int, worker: str, n_chunks: int, nbytes: int
+    ) -> None:
+        """Record region ``index``'s task."""
+        w = self._worker_ids.get(worker)
+        if w is None:
+            w = self._worker_ids[worker] = len(self._workers)
+            self._workers.append(worker)
+        self._index.append(index)
+        self._seconds.append(seconds)
+        self._attempts.append(attempts)
+        self._worker.append(w)
+        self._n_chunks.append(n_chunks)
+        self._nbytes.append(nbytes)
+
+    def sort(self) -> None:
+        """Put the records in region order."""
+        order = sorted(range(len(self._index)), key=self._index.__getitem__)
+        for name in ("_index", "_seconds", "_attempts", "_worker", "_n_chunks", "_nbytes"):
+            column = getattr(self, name)
+            setattr(self, name, array(column.typecode, (column[k] for k in order)))
+
+    @property
+    def n_chunks(self) -> int:
+        """Chunks (or shards) written by all the tasks."""
+        return sum(self._n_chunks)
+
+    @property
+    def nbytes(self) -> int:
+        """Uncompressed bytes written by all the tasks."""
+        return sum(self._nbytes)
+
+    def __len__(self) -> int:
+        return len(self._index)
+
+    @overload
+    def __getitem__(self, k: int) -> TaskRecord: ...
+    @overload
+    def __getitem__(self, k: slice) -> list[TaskRecord]: ...
+    def __getitem__(self, k: int | slice) -> TaskRecord | list[TaskRecord]:
+        if isinstance(k, slice):
+            return [self[j] for j in range(*k.indices(len(self)))]
+        i = self._index[k]
+        return TaskRecord(
+            i,
+            self._regions[i],
+            self._seconds[k],
+            self._attempts[k],
+            self._workers[self._worker[k]],
+            self._n_chunks[k],
+            self._nbytes[k],
+        )
+
+    def __iter__(self) -> Iterator[TaskRecord]:
+        for k in range(len(self)):
+            yield self[k]
+
+    def __eq__(self, other: object) -> bool:
+        if isinstance(other, Sequence):
+            return list(self) == list(other)
+        return NotImplemented
+
+    __hash__ = None  # type: ignore[assignment]  # mutable, like a list
+
+    def __repr__(self) -> str:
+        return f"<TaskRecords: {len(self)}>"
+
+
+def total_chunks(records: Sequence[TaskRecord]) -> int:
+    """Chunks (or shards) written by the tasks of ``records``."""
+    if isinstance(records, TaskRecords):
+        return records.n_chunks  # without making a record object per task
+    return sum(r.n_chunks for r in records)
+
+
+def total_bytes(records: Sequence[TaskRecord]) -> int:
+    """Uncompressed bytes written by the tasks of ``records``."""
+    if isinstance(records, TaskRecords):
+        return records.nbytes
+    return sum(r.nbytes for r in records)
 
 
 @dataclass(frozen=True)
@@ -54,8 +165,8 @@ class WriteResult:
         Uncompressed bytes written by tasks.
     seconds : float
         Wall time of the whole call.
-    tasks : list of TaskRecord
-        One per region, in region order.
+    tasks : sequence of TaskRecord
+        One per region, in region order (a list, or :class:`TaskRecords` for a large run).
     executor : str
         The adapter's name.
     session : DistributedSession
@@ -76,7 +187,7 @@ class WriteResult:
     n_chunks: int
     bytes_written: int
     seconds: float
-    tasks: list[TaskRecord]
+    tasks: Sequence[TaskRecord]
     executor: str
     session: DistributedSession = field(repr=False)
     run_id: str | None = None

@@ -24,7 +24,7 @@ import math
 import threading
 import time
 import uuid
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -394,7 +394,7 @@ def write_resumable(
     checkpoint_every: float,
     backups: Backups | None,
     max_chunks: int | None = None,
-) -> tuple[str, list[TaskRecord], int]:
+) -> tuple[str, Sequence[TaskRecord], int]:
     """Plan, check, write what the work branch lacks, checkpoint, publish.
 
     Returns the published snapshot id, the records of the regions written by this call, and
@@ -423,7 +423,7 @@ def write_resumable(
         writer.metadata_written_earlier()  # by the call that created the work branch
     # Even if the target moved meanwhile, finish the work on the work branch: publication
     # (conditional) refuses then, and the complete result is there to publish deliberately.
-    records: list[TaskRecord] = []
+    records: Sequence[TaskRecord] = []
     if not state.complete:
         # An internal run is never resumed: timed checkpoints would only add commits.
         every = math.inf if run.internal else checkpoint_every
@@ -449,7 +449,7 @@ def _write_missing(
     every: float,
     budget: tuple[dict[int, int] | None, int],
     backups: Backups | None,
-) -> list[TaskRecord]:
+) -> Sequence[TaskRecord]:
     """Write the regions ``todo`` (no checkpoint holds them); on failure, keep what was merged.
 
     ``budget`` is each region's chunk count (None: no need to count) and the limit per commit.

@@ -24,9 +24,9 @@ from icechunk_distributed.dispatch import region_write_error, run_region_tasks, 
 from icechunk_distributed.errors import CommitConflictError, SessionStateError
 from icechunk_distributed.merging import ResultMerger
 from icechunk_distributed.metadata import eager_data, metadata_dataset, write_lazy, write_metadata
-from icechunk_distributed.planning import Region, WritePlan, build_plan, dims_of_regions
+from icechunk_distributed.planning import Picked, Region, WritePlan, build_plan, dims_of_regions
 from icechunk_distributed.progress import Progress
-from icechunk_distributed.results import TaskFailure, TaskRecord
+from icechunk_distributed.results import TaskFailure, TaskRecord, TaskRecords, total_chunks
 from icechunk_distributed.runner import Backups
 from icechunk_distributed.runs import plan_digest
 from icechunk_distributed.session import DistributedSession, SessionSnapshot, open_session
@@ -121,7 +121,7 @@ class RegionWriter:
         self._target, self._branch = target, branch
         self.owns_session = isinstance(target, icechunk.Repository)
         self._session = None if self.owns_session else open_session(target, branch)
-        self.records: list[TaskRecord] = []
+        self.records: Sequence[TaskRecord] = []
         self.executor_name = ""
         # Set by plan(): what the store holds, the plan, and each new variable's encoding,
         # settled once (decide_encodings) for the tasks to apply.
@@ -167,7 +167,7 @@ class RegionWriter:
     # -- planning and checking, before anything is written
     def plan(
         self, *, parallelism: int | None = None, max_task_bytes: int | None = None
-    ) -> list[Region]:
+    ) -> Sequence[Region]:
         """Plan and validate the regions (in source coordinates); nothing is written.
 
         Parameters
@@ -414,7 +414,7 @@ class RegionWriter:
         *,
         workers: int | None = None,
         backups: Backups | None = None,
-    ) -> list[TaskRecord]:
+    ) -> Sequence[TaskRecord]:
         """Run one task per region on ``executor``; merge results as they arrive.
 
         Parameters
@@ -456,7 +456,7 @@ class RegionWriter:
         backups: Backups | None = None,
         lock: contextlib.AbstractContextManager[Any] | None = None,
         max_batch: int | None = None,
-    ) -> tuple[list[TaskRecord], list[TaskFailure]]:
+    ) -> tuple[Sequence[TaskRecord], list[TaskFailure]]:
         """Write the regions ``indices`` (all by default) on ``adapter``; report, do not raise.
 
         ``after_merge(i)`` follows the merge of region ``i``. ``lock`` is held while merging
@@ -469,11 +469,11 @@ class RegionWriter:
         plan = self.write_plan
         self.executor_name = adapter.name
         self.check_engine(adapter.capabilities)
-        todo = list(range(len(plan.regions))) if indices is None else list(indices)
+        todo: Sequence[int] = range(len(plan.regions)) if indices is None else list(indices)
         # The stored encoding, decided by xarray when it wrote the metadata (task_encoding).
         stored = stored_encodings(self.session.session.store, self.group, list(plan.dims))
         self._encodings = {n: task_encoding(stored[n], self._decided.get(n)) for n in plan.dims}
-        records: list[TaskRecord | None] = [None] * len(todo)
+        records = TaskRecords(plan.regions)
         merger = ResultMerger(
             self.session, after_merge=after_merge, lock=guard, max_batch=max_batch
         )
@@ -482,9 +482,7 @@ class RegionWriter:
             assert out.snapshot is not None
             i = todo[j]
             merger.add(i, out.snapshot)
-            records[j] = TaskRecord(
-                i, plan.regions[i], out.seconds, attempts, out.worker, out.n_chunks, out.nbytes
-            )
+            records.add(i, out.seconds, attempts, out.worker, out.n_chunks, out.nbytes)
 
         failures: list[TaskFailure] = []
         with contextlib.suppress(_RegionsFailed), self.session.allow_pickling() as snapshot, merger:
@@ -499,7 +497,7 @@ class RegionWriter:
                 failures = run_region_tasks(
                     adapter,
                     run_task,
-                    [plan.regions[i] for i in todo],
+                    plan.regions if indices is None else Picked(plan.regions, todo),
                     build,
                     backups=backups,
                     retries=self.retries,
@@ -515,7 +513,8 @@ class RegionWriter:
             merger.flush()
             if failures:  # leave the block by an exception: it closes the pickling window
                 raise _RegionsFailed
-        self.records = [r for r in records if r is not None]
+        records.sort()
+        self.records = records
         if not failures:
             self._stage = _REGIONS
         return self.records, failures
@@ -531,7 +530,7 @@ class RegionWriter:
             "mode": self.mode,
             "group": self.group or "/",
             "n_regions": len(plan.regions),
-            "n_chunks": sum(r.n_chunks for r in self.records),
+            "n_chunks": total_chunks(self.records),
             "region_dims": list(plan.region_dims),
         }
         if run_id is not None:
