@@ -198,6 +198,11 @@ class WritePlan:
 
     def absolute(self, region: Region) -> Region:
         """``region`` shifted into target-array coordinates (by ``offsets``)."""
+        if not self.offsets and all(
+            type(s) is slice and s.start is not None and s.stop is not None
+            for s in region.values()
+        ):
+            return dict(region)  # nothing to shift or fill in (most writes)
         out = {}
         # Dims placed by an offset (append, region=) are shifted even where tasks do not split.
         for dim in {**dict.fromkeys(region), **dict.fromkeys(self.offsets)}:
