@@ -57,9 +57,7 @@ def test_the_plans_own_tiling_passes_every_check(kwargs):
 
 
 def test_explicit_regions_are_still_checked_one_by_one():
-    kwargs = dict(
-        dims={"v": ("t",)}, units={"v": {"t": 4}}, itemsizes={"v": 4}, sizes={"t": 16}
-    )
+    kwargs = dict(dims={"v": ("t",)}, units={"v": {"t": 4}}, itemsizes={"v": 4}, sizes={"t": 16})
     with pytest.raises(InvalidRegionError, match="not aligned"):
         build_plan(**kwargs, regions=[{"t": slice(0, 6)}, {"t": slice(6, 16)}])
     with pytest.raises(InvalidRegionError, match="overlap"):

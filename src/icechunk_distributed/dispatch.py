@@ -68,6 +68,7 @@ def run_region_tasks(
     on_success: Callable[[int, TaskOutput, int], None],
     backups: Backups | None = None,
     indices: Sequence[int] | None = None,
+    combine: bool = True,
 ) -> list[TaskFailure]:
     """Run ``fn(build(i, attempt))`` for every region; return the regions that failed.
 
@@ -93,6 +94,9 @@ def run_region_tasks(
         Straggler backups.
     indices : sequence of int, optional
         The regions' numbers in the plan, for reports (default ``range(len(regions))``).
+    combine : bool, default True
+        Combine the forks of one engine call's tasks where they ran (one merge per call);
+        False where each region's merge is counted (a chunk budget per commit).
 
     Returns
     -------
@@ -117,7 +121,7 @@ def run_region_tasks(
         loop = TaskLoop(
             adapter,
             # Several tasks per call: their forks are combined there (one merge per call).
-            functools.partial(run_call, fn),
+            functools.partial(run_call, fn, combine=combine),
             retries=retries,
             is_success=lambda out: isinstance(out, TaskOutput) and out.ok,
             describe_error=describe_result,

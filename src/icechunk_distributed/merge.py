@@ -288,10 +288,12 @@ def _check_deletions(todo: list[Item], changes_of: dict[str, Changes]) -> None:
             if other is fork:
                 continue
             theirs = changes_of[other.uid]
-            touched = set(theirs.chunks) | theirs.nodes
+            # Deleting the same node twice is no conflict (icechunk merges it).
+            touched = set(theirs.chunks) | (theirs.nodes - (theirs.deleted - theirs.new_nodes))
             if any(t == path or t.startswith(path.rstrip("/") + "/") for t in touched):
                 raise OverlappingWritesError(
-                    f"{name} deleted or re-created {path!r}, which {other_name} wrote to; "
+                    f"{name} deleted or re-created {path!r}, which {other_name} wrote to or "
+                    "changed; "
                     "the two could not see each other's writes (tasks of one fan-out), and "
                     "icechunk cannot merge both. Nothing was merged. Create or re-create "
                     "arrays before the fan-out (in the template), not inside tasks.",

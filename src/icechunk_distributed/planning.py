@@ -18,6 +18,7 @@ from typing import Any, overload
 import numpy as np
 
 from icechunk_distributed.errors import InvalidRegionError
+from icechunk_distributed.sequences import ListLike
 
 __all__ = [
     "Picked",
@@ -74,7 +75,7 @@ def parse_bytes(size: str | int) -> int:
     return int(float(match.group(1)) * _UNITS[match.group(2).lower()])
 
 
-class TiledRegions(Sequence[Region]):
+class TiledRegions(ListLike[Region]):
     """The plan's own regions: a grid of tiles, held as each dim's tile bounds.
 
     A region (a dict) is made when asked for: a million regions cost a few MB, not the
@@ -118,11 +119,20 @@ class TiledRegions(Sequence[Region]):
                 for k, (d, j) in enumerate(zip(self.dims, at, strict=True))
             }
 
+    def splits(self, dim: str, size: int) -> bool:
+        """Whether the regions split ``dim`` (of ``size``): not all of them span it whole."""
+        if dim not in self.dims:
+            return False
+        k = self.dims.index(dim)
+        return self._n > 0 and (
+            self._shape[k] > 1 or (self._starts[k][0], self._stops[k][0]) != (0, size)
+        )
+
     def __repr__(self) -> str:
         return f"<TiledRegions: {len(self)} over {list(self.dims)}>"
 
 
-class Picked(Sequence[Region]):
+class Picked(ListLike[Region]):
     """The regions at ``indices`` of ``regions``, looked up when asked for."""
 
     def __init__(self, regions: Sequence[Region], indices: Sequence[int]) -> None:
@@ -199,8 +209,7 @@ class WritePlan:
     def absolute(self, region: Region) -> Region:
         """``region`` shifted into target-array coordinates (by ``offsets``)."""
         if not self.offsets and all(
-            type(s) is slice and s.start is not None and s.stop is not None
-            for s in region.values()
+            type(s) is slice and s.start is not None and s.stop is not None for s in region.values()
         ):
             return dict(region)  # nothing to shift or fill in (most writes)
         out = {}
@@ -438,7 +447,12 @@ def validate_regions(plan: WritePlan, *, require_cover: bool = True, each: bool 
         for dim in plan.region_dims:
             if dim in var_dims:
                 continue
-            split = any(_bounds(r.get(dim), sizes[dim]) != (0, sizes[dim]) for r in plan.regions)
+            if isinstance(plan.regions, TiledRegions):  # without a dict per region
+                split = plan.regions.splits(dim, sizes[dim])
+            else:
+                split = any(
+                    _bounds(r.get(dim), sizes[dim]) != (0, sizes[dim]) for r in plan.regions
+                )
             if split:
                 raise InvalidRegionError(
                     f"variable {var!r} has no dimension {dim!r}, but the regions split {dim!r}: "

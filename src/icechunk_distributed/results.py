@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, overload
 
 from icechunk_distributed.planning import Region
+from icechunk_distributed.sequences import ListLike
 
 if TYPE_CHECKING:
     from icechunk_distributed.session import DistributedSession
@@ -35,7 +36,7 @@ class TaskRecord:
     nbytes: int
 
 
-class TaskRecords(Sequence[TaskRecord]):
+class TaskRecords(ListLike[TaskRecord]):
     """The records of a run's regions, held as columns.
 
     A :class:`TaskRecord` is made when one is asked for. A million records cost about 40 MB
@@ -111,13 +112,6 @@ class TaskRecords(Sequence[TaskRecord]):
     def __iter__(self) -> Iterator[TaskRecord]:
         for k in range(len(self)):
             yield self[k]
-
-    def __eq__(self, other: object) -> bool:
-        if isinstance(other, Sequence):
-            return list(self) == list(other)
-        return NotImplemented
-
-    __hash__ = None  # type: ignore[assignment]  # mutable, like a list
 
     def __repr__(self) -> str:
         return f"<TaskRecords: {len(self)}>"

@@ -143,15 +143,17 @@ class Expectations:
         return known
 
 
-_NAMES: dict[tuple[int, int], str] = {}
+_NAMES: dict[tuple[int, int, str], str] = {}
 
 
 def worker_name() -> str:
     """``host:pid:thread`` of the calling worker (one string per thread, not per task)."""
-    key = (os.getpid(), threading.get_ident())
+    key = (os.getpid(), threading.get_ident(), threading.current_thread().name)
     name = _NAMES.get(key)
-    if name is None or not name.endswith(":" + threading.current_thread().name):
-        name = _NAMES[key] = f"{socket.gethostname()}:{key[0]}:{threading.current_thread().name}"
+    if name is None:
+        if len(_NAMES) > 4096:  # threads come and go: keep the cache small
+            _NAMES.clear()
+        name = _NAMES[key] = f"{socket.gethostname()}:{key[0]}:{key[2]}"
     return name
 
 
@@ -422,15 +424,17 @@ def run_task(arg: TaskInput | bytes) -> TaskOutput:
     return execute(inp)
 
 
-def run_call(fn: Callable[[Any], TaskOutput], args: list[Any]) -> list[TaskOutput]:
+def run_call(
+    fn: Callable[[Any], TaskOutput], args: list[Any], *, combine: bool = True
+) -> list[TaskOutput]:
     """One engine call of several tasks: run each, then combine their snapshots.
 
-    When every task succeeded, their forks are merged here into one (see
+    When every task succeeded (and ``combine``), their forks are merged here into one (see
     :func:`~icechunk_distributed.snapshot.combine_snapshots`), which every output carries:
     the coordinator merges one fork per call. A call with a failure returns each task's own.
     """
     outs = [fn(arg) for arg in args]
-    if len(outs) < 2 or not all(o.ok and o.snapshot is not None for o in outs):
+    if not combine or len(outs) < 2 or not all(o.ok and o.snapshot is not None for o in outs):
         return outs
     combined = combine_snapshots([o.snapshot for o in outs if o.snapshot is not None])
     if combined is not None:

@@ -462,7 +462,8 @@ class RegionWriter:
         ``after_merge(i)`` follows the merge of region ``i``. ``lock`` is held while merging
         and while building task arguments, so that another thread may checkpoint the session
         in between. ``max_batch`` caps the results merged at once (a run counting chunks per
-        commit, ``resume``). Returns the records of the regions written and the failures.
+        commit, ``resume``); such a run merges task by task, as its count is per region. Returns
+        the records of the regions written and the failures.
         """
         self._require(_REGIONS, "write_regions()", "write_metadata()")
         guard = lock if lock is not None else contextlib.nullcontext()
@@ -505,6 +506,7 @@ class RegionWriter:
                     item_bytes=self._item_bytes,
                     on_success=on_success,
                     indices=todo,
+                    combine=max_batch is None,
                 )
             except BaseException:
                 with contextlib.suppress(Exception):
