@@ -13,7 +13,7 @@ import os
 import re
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, replace
-from typing import Any, overload
+from typing import Any
 
 import numpy as np
 
@@ -93,31 +93,22 @@ class TiledRegions(ListLike[Region]):
     def __len__(self) -> int:
         return self._n
 
-    @overload
-    def __getitem__(self, i: int) -> Region: ...
-    @overload
-    def __getitem__(self, i: slice) -> list[Region]: ...
-    def __getitem__(self, i: int | slice) -> Region | list[Region]:
-        if isinstance(i, slice):
-            return [self[k] for k in range(*i.indices(self._n))]
-        if i < 0:
-            i += self._n
-        if not 0 <= i < self._n:
-            raise IndexError(f"region {i} of {self._n}")
+    def _item(self, k: int) -> Region:
         at = [0] * len(self._shape)
-        for k in range(len(self._shape) - 1, -1, -1):
-            i, at[k] = divmod(i, self._shape[k])
+        for d in range(len(self._shape) - 1, -1, -1):
+            k, at[d] = divmod(k, self._shape[d])
+        return self._region(at)
+
+    def __iter__(self) -> Iterator[Region]:
+        for at in np.ndindex(*self._shape):
+            yield self._region(at)
+
+    def _region(self, at: Sequence[int]) -> Region:
+        """The region of the tile at grid position ``at``."""
         return {
             d: slice(self._starts[k][j], self._stops[k][j])
             for k, (d, j) in enumerate(zip(self.dims, at, strict=True))
         }
-
-    def __iter__(self) -> Iterator[Region]:
-        for at in np.ndindex(*self._shape):
-            yield {
-                d: slice(self._starts[k][j], self._stops[k][j])
-                for k, (d, j) in enumerate(zip(self.dims, at, strict=True))
-            }
 
     def splits(self, dim: str, size: int) -> bool:
         """Whether the regions split ``dim`` (of ``size``): not all of them span it whole."""
@@ -141,14 +132,8 @@ class Picked(ListLike[Region]):
     def __len__(self) -> int:
         return len(self.indices)
 
-    @overload
-    def __getitem__(self, i: int) -> Region: ...
-    @overload
-    def __getitem__(self, i: slice) -> list[Region]: ...
-    def __getitem__(self, i: int | slice) -> Region | list[Region]:
-        if isinstance(i, slice):
-            return [self.regions[k] for k in self.indices[i]]
-        return self.regions[self.indices[i]]
+    def _item(self, k: int) -> Region:
+        return self.regions[self.indices[k]]
 
 
 @dataclass(frozen=True)

@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 from array import array
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, overload
+from typing import TYPE_CHECKING
 
 from icechunk_distributed.planning import Region
 from icechunk_distributed.sequences import ListLike
@@ -91,13 +91,7 @@ class TaskRecords(ListLike[TaskRecord]):
     def __len__(self) -> int:
         return len(self._index)
 
-    @overload
-    def __getitem__(self, k: int) -> TaskRecord: ...
-    @overload
-    def __getitem__(self, k: slice) -> list[TaskRecord]: ...
-    def __getitem__(self, k: int | slice) -> TaskRecord | list[TaskRecord]:
-        if isinstance(k, slice):
-            return [self[j] for j in range(*k.indices(len(self)))]
+    def _item(self, k: int) -> TaskRecord:
         i = self._index[k]
         return TaskRecord(
             i,
@@ -108,10 +102,6 @@ class TaskRecords(ListLike[TaskRecord]):
             self._n_chunks[k],
             self._nbytes[k],
         )
-
-    def __iter__(self) -> Iterator[TaskRecord]:
-        for k in range(len(self)):
-            yield self[k]
 
     def __repr__(self) -> str:
         return f"<TaskRecords: {len(self)}>"
