@@ -35,6 +35,8 @@ from typing import Any
 import icechunk
 import pytest
 
+from faultproxy import FaultProxy, start_fault_proxy
+
 ACCESS_KEY_ID = "AKIDICDTESTKEY00042"
 SECRET_ACCESS_KEY = "SECRET-do-not-leak-1234"
 REGION = "us-east-1"
@@ -222,6 +224,45 @@ def s3_location(moto_endpoint: str) -> S3Location:
 def s3_repo(s3_location: S3Location) -> icechunk.Repository:
     """A new, empty repository in a fresh bucket on the moto server (static fake credentials)."""
     return icechunk.Repository.create(s3_location.storage())
+
+
+# ---------------------------------------------------------------------------------------------
+# The fault proxy in front of the moto server (faultproxy.py)
+
+
+@pytest.fixture(scope="session")
+def fault_proxy(moto_endpoint: str) -> Iterator[FaultProxy]:
+    """The proxy in front of the test session's moto server (its own process)."""
+    proxy = start_fault_proxy(moto_endpoint)
+    try:
+        yield proxy
+    finally:
+        proxy.stop()
+
+
+@dataclass
+class FaultyS3:
+    """A fresh bucket, reached through the proxy (``location``) or directly (``direct``)."""
+
+    proxy: FaultProxy
+    location: S3Location
+    direct: S3Location
+
+
+@pytest.fixture
+def faulty_s3(fault_proxy: FaultProxy, moto_endpoint: str) -> Iterator[FaultyS3]:
+    """A fresh bucket behind the proxy, with no rules yet; rules are cleared (and stalled
+    requests released) when the test ends."""
+    fault_proxy.set_rules([])
+    bucket = create_bucket(moto_endpoint)
+    try:
+        yield FaultyS3(
+            fault_proxy,
+            S3Location(fault_proxy.endpoint, bucket, "repo"),
+            S3Location(moto_endpoint, bucket, "repo"),
+        )
+    finally:
+        fault_proxy.set_rules([])
 
 
 # ---------------------------------------------------------------------------------------------
