@@ -617,6 +617,37 @@ def s4_hand_point(n_tasks: int) -> dict[str, Any]:
         repos.close()
 
 
+def s4_floor(n_tasks: int, n_forks: int = 0) -> dict[str, Any]:
+    """Icechunk's own memory floor for S4's writes: the same ``n_tasks`` one-chunk writes by
+    zarr straight into one session (10,000 at a time), or through ``n_forks`` forks merged
+    with icechunk's ``Session.merge``; no pool, no coordinator; one commit."""
+    from benchmarks.ingest import peak_rss_mb
+
+    repos = _Repos()
+    try:
+        repo = repos.new()
+        session = repo.writable_session("main")
+        zarr.create_array(session.store, name="v", shape=(n_tasks,), chunks=(1,), dtype="f4")
+        session.commit("array")
+        rss0 = peak_rss_mb()
+        t0 = time.perf_counter()
+        session = repo.writable_session("main")
+        step = n_tasks // n_forks if n_forks else 10_000
+        for start in range(0, n_tasks, step):
+            target = session.fork() if n_forks else session
+            zarr.open_array(target.store, path="v", mode="r+")[start : start + step] = 1.0
+            if n_forks:
+                session.merge(target)
+        before_commit = peak_rss_mb() - rss0
+        session.commit("floor")
+        return {"n_tasks": n_tasks, "forks": n_forks, "seconds": time.perf_counter() - t0,
+                "rss_growth_before_commit_mb": before_commit,
+                "rss_growth_mb": peak_rss_mb() - rss0,
+                **_s4_result(repo, n_tasks)}  # fmt: skip
+    finally:
+        repos.close()
+
+
 def merge_commit(n_chunks: int, n_forks: int = 100) -> dict[str, float]:
     """Time ``merge_sessions`` + commit of ``n_chunks`` chunk references from ``n_forks`` forks."""
     from zarr.core.buffer import default_buffer_prototype
@@ -771,3 +802,5 @@ if __name__ == "__main__":
         print(json.dumps(s4_point(int(sys.argv[2]))))
     elif sys.argv[1:2] == ["s4-hand"]:
         print(json.dumps(s4_hand_point(int(sys.argv[2]))))
+    elif sys.argv[1:2] == ["s4-floor"]:  # s4-floor N [forks]
+        print(json.dumps(s4_floor(int(sys.argv[2]), int((sys.argv[3:4] or ["0"])[0]))))

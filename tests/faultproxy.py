@@ -266,6 +266,7 @@ class _Handler(BaseHTTPRequestHandler):
 
 class _Server(ThreadingHTTPServer):
     daemon_threads = True
+    request_queue_size = 128  # many workers open connections at once (the default is 5)
     state: _State
 
 
