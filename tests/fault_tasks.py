@@ -151,14 +151,21 @@ def _alive(pid: int) -> bool:
 
 
 class StragglerLoader:
-    """``load_region``, but the first call for the region starting at ``start`` takes
-    ``seconds``: a straggler."""
+    """``load_region``, but the first call for the region starting at ``start`` is a
+    straggler: it waits until ``release()`` (from the coordinator's side) or ``seconds``."""
 
-    def __init__(self, directory, start: int, seconds: float = 10.0):
+    def __init__(self, directory, start: int, seconds: float = 240.0):
         self.directory, self.start, self.seconds = str(directory), start, seconds
+
+    def release(self) -> None:
+        with open(os.path.join(self.directory, "released"), "w"):
+            pass
 
     def __call__(self, region):
         first = region["time"].start == self.start and not _full(region)
         if first and count_call(self.directory, "straggler") == 1:
-            time.sleep(self.seconds)
+            deadline = time.monotonic() + self.seconds
+            released = os.path.join(self.directory, "released")
+            while time.monotonic() < deadline and not os.path.exists(released):
+                time.sleep(0.02)
         return load_region(region)

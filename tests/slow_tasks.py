@@ -8,25 +8,50 @@ import time
 def task(arg):
     """``arg`` = ``(index, attempt, script, flags, stop_early)``.
 
-    ``script[(index, attempt)]`` = ``(seconds, fail)``: sleep, then raise if ``fail``, else
-    leave a file in the ``flags`` directory and return ``(index, attempt)``. Copies not in the
-    script return at once. With ``stop_early``, a sleeping copy gives up (raises) as soon as
-    another copy of its task has succeeded, so a loser frees its worker at once (a task running
-    on an engine that cannot cancel it would otherwise keep a worker busy, and delay the
-    session's exit); it raises, so it can never pass for the winner.
+    ``script[(index, attempt)]`` = ``(seconds, fail)`` or ``(seconds, fail, waits)``: sleep
+    ``seconds`` (or, with ``waits``, until every flag in it exists, ``seconds`` being only a
+    generous deadline), then raise if ``fail``, else leave a file in the ``flags`` directory
+    and return ``(index, attempt)``. Copies not in the script return at once. Every copy
+    leaves ``started(index, attempt)`` when it starts and ``ended(...)`` when it ends, so
+    that scripts can order copies by what happened instead of by how long it took. With
+    ``stop_early``, a sleeping copy gives up (raises) as soon as another copy of its task has
+    succeeded, so a loser frees its worker at once (a task running on an engine that cannot
+    cancel it would otherwise keep a worker busy, and delay the session's exit); it raises, so
+    it can never pass for the winner.
     """
     index, attempt, script, flags, stop_early = arg
-    seconds, fail = script.get((index, attempt), (0.0, False))
-    deadline = time.monotonic() + seconds
-    while time.monotonic() < deadline:
-        if stop_early and _succeeded(flags, index):
-            raise RuntimeError(f"copy {attempt} of task {index} gave up: another copy won")
-        time.sleep(0.02)
-    if fail:
-        raise OSError(f"copy {attempt} of task {index} failed")
-    with open(os.path.join(flags, f"{index}.{attempt}"), "w"):
+    seconds, fail, *rest = script.get((index, attempt), (0.0, False))
+    waits = rest[0] if rest else ()
+    _flag(flags, started(index, attempt))
+    try:
+        deadline = time.monotonic() + seconds
+        while time.monotonic() < deadline:
+            if stop_early and _succeeded(flags, index):
+                raise RuntimeError(f"copy {attempt} of task {index} gave up: another copy won")
+            if waits and all(os.path.exists(os.path.join(flags, w)) for w in waits):
+                break
+            time.sleep(0.02)
+        if fail:
+            raise OSError(f"copy {attempt} of task {index} failed")
+        _flag(flags, f"{index}.{attempt}")
+        return index, attempt
+    finally:
+        _flag(flags, finished(index, attempt))
+
+
+def started(index, attempt):
+    """The flag copy ``attempt`` of task ``index`` leaves when it starts."""
+    return f"started-{index}-{attempt}"
+
+
+def finished(index, attempt):
+    """The flag it leaves when it ends, succeeded or not."""
+    return f"finished-{index}-{attempt}"
+
+
+def _flag(flags, name):
+    with open(os.path.join(flags, name), "w"):
         pass
-    return index, attempt
 
 
 def _succeeded(flags, index):

@@ -17,16 +17,17 @@ import slow_tasks
 from icechunk_distributed.adapters import Adapter, Capabilities
 from icechunk_distributed.adapters.local import FuturesAdapter, SerialAdapter
 from icechunk_distributed.runner import Backups, TaskLoop, run_batch
+from slow_tasks import finished, started
 
 N = 8
 SLOW = 1  # the straggling task
 QUICK = Backups(factor=2, min_done=0.5, min_seconds=0.5, poll=0.05)
-LONG = 20.0  # seconds a straggler would sleep; it gives up as soon as its backup has succeeded
+# Seconds a straggler would sleep; it gives up as soon as its backup has succeeded. A generous
+# deadline, not a timing: however busy the machine, the backup wins long before.
+LONG = 240.0
 # Lithops localhost v2 starts a process per call (~0.7 s) on 2 workers: with more tasks than
 # workers, a queued call looks like a straggler too (its time counts from submission).
 TASKS = {"lithops": 2}
-# How long the first copy runs before it fails: long enough for its backup to be launched.
-FAIL_AFTER = {"threads": 2.0, "processes": 2.0, "ray": 3.0, "dask": 3.0, "lithops": 4.0}
 ENGINES = [
     "threads",
     "processes",
@@ -158,9 +159,12 @@ def test_without_backups_nothing_is_backed_up(engines, tmp_path, name):
 
 @pytest.mark.parametrize("name", ENGINES)
 def test_a_copy_that_fails_while_its_backup_runs_is_not_a_failure(engines, tmp_path, name):
-    """retries=0, so a failure counted for the first copy would be final."""
-    wait = FAIL_AFTER[name]
-    script = {(SLOW, 1): (wait, True), (SLOW, 2): (wait + 1, False)}
+    """retries=0, so a failure counted for the first copy would be final. The first copy
+    fails once its backup has started; the backup succeeds once the first copy has failed."""
+    script = {
+        (SLOW, 1): (LONG, True, (started(SLOW, 2),)),
+        (SLOW, 2): (LONG, False, (finished(SLOW, 1),)),
+    }
     n = TASKS.get(name, N)
     record = run(engines(name), tmp_path, script, n=n, retries=0)
     assert_backup_won(record, n)
@@ -169,7 +173,10 @@ def test_a_copy_that_fails_while_its_backup_runs_is_not_a_failure(engines, tmp_p
 
 def test_both_copies_failing_count_as_one_failed_attempt(tmp_path):
     """A backup does not use up the retry budget: one retry is left, and it succeeds."""
-    script = {(SLOW, 1): (1.5, True), (SLOW, 2): (2.5, True)}
+    script = {
+        (SLOW, 1): (LONG, True, (started(SLOW, 2),)),  # fails while its backup runs
+        (SLOW, 2): (LONG, True, (finished(SLOW, 1),)),  # then the backup fails too
+    }
     with FuturesAdapter.threads(4) as adapter:
         record = run(adapter, tmp_path, script, retries=1)
     assert record.wins == firsts(winners={SLOW: 3})
@@ -179,24 +186,32 @@ def test_both_copies_failing_count_as_one_failed_attempt(tmp_path):
 
 
 class Recording(FuturesAdapter):
-    """A thread pool adapter that keeps every result it hands to the loop."""
+    """A thread pool adapter that keeps every result it hands to the loop, and flags each in
+    ``flags`` (``seen-<index>-<attempt>``) for the tasks' scripts to wait on."""
 
-    def __init__(self, workers):
+    def __init__(self, workers, flags):
         super().__init__(ThreadPoolExecutor(workers), owned=True)
         self.seen = []
+        self.flags = flags
 
     def map_unordered(self, fn, items, *, poll=None):
         with contextlib.closing(super().map_unordered(fn, items, poll=poll)) as results:
             for key, result in results:
                 self.seen.append(result)
+                if isinstance(result, tuple):
+                    (self.flags / f"seen-{result[0]}-{result[1]}").touch()
                 yield key, result
 
 
 def test_a_loser_finishing_while_the_round_runs_is_dropped(tmp_path):
     """The straggler's first copy loses to its backup, then succeeds while task 5 still runs
     (its result is dropped); task 5's first copy wins over its own backup."""
-    script = {(SLOW, 1): (1.5, False), (5, 1): (3.0, False), (5, 2): (5.0, False)}
-    with Recording(4) as adapter:
+    script = {
+        (SLOW, 1): (LONG, False, (finished(SLOW, 2),)),  # succeeds after its backup did
+        (5, 1): (LONG, False, (started(5, 2), f"seen-{SLOW}-1")),  # ... and came back
+        (5, 2): (LONG, False, (finished(5, 1),)),
+    }
+    with Recording(4, tmp_path) as adapter:
         record = run(adapter, tmp_path, script, stop_early=False)
     assert record.wins == firsts(winners={SLOW: 2})
     assert record.attempts[5] == 2
@@ -216,11 +231,16 @@ def test_backups_of_batched_calls(tmp_path):
 def test_closing_an_owned_pool_does_not_wait_for_a_loser(tmp_path, name):
     adapter = _make(name)
     try:
-        record = run(adapter, tmp_path, {(SLOW, 1): (4.0, False)}, stop_early=False)
+        # The first copy runs until the test lets it go, after the pool is closed.
+        script = {(SLOW, 1): (LONG, False, ("release",))}
+        try:
+            record = run(adapter, tmp_path, script, stop_early=False)
+        finally:
+            adapter.close()
+        assert record.wins == firsts(winners={SLOW: 2})
+        assert not slow_tasks.ended(tmp_path, SLOW, 1)  # the loser is still running
     finally:
-        adapter.close()
-    assert record.wins == firsts(winners={SLOW: 2})
-    assert not slow_tasks.ended(tmp_path, SLOW, 1)  # the loser is still running
+        (tmp_path / "release").touch()
 
 
 @pytest.mark.lithops

@@ -264,17 +264,26 @@ def test_backups_through_run_region_writes(repo, tmp_path):
     from icechunk_distributed import Backups
 
     events = []
+    loader = StragglerLoader(tmp_path, start=6)  # region 3 stalls until its backup has won
+
+    def progress(event):
+        events.append(event)
+        if event.kind == "done" and event.index == 3:
+            loader.release()
+
     result = run_region_writes(
-        StragglerLoader(tmp_path, start=6, seconds=8),
+        loader,
         repo,
         **RUN,
         executor="threads",
         workers=4,
         backups=Backups(factor=2, min_done=0.5, min_seconds=0.5, poll=0.05),
-        progress=events.append,
+        progress=progress,
     )
-    assert [e.index for e in events if e.kind == "backup"] == [3]
-    assert [r.attempts for r in result.tasks] == [1, 1, 1, 2, 1, 1]  # the backup won
+    # On a busy machine another task may look slow enough to be backed up too.
+    assert 3 in [e.index for e in events if e.kind == "backup"]
+    attempts = [r.attempts for r in result.tasks]
+    assert attempts[3] == 2 and set(attempts) <= {1, 2}  # the backup won
     xr.testing.assert_identical(read_back(repo), full_dataset())
 
 
