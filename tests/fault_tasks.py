@@ -154,7 +154,7 @@ class StragglerLoader:
     """``load_region``, but the first call for the region starting at ``start`` is a
     straggler: it waits until ``release()`` (from the coordinator's side) or ``seconds``."""
 
-    def __init__(self, directory, start: int, seconds: float = 240.0):
+    def __init__(self, directory, start: int, seconds: float = 120.0):
         self.directory, self.start, self.seconds = str(directory), start, seconds
 
     def release(self) -> None:
@@ -166,6 +166,8 @@ class StragglerLoader:
         if first and count_call(self.directory, "straggler") == 1:
             deadline = time.monotonic() + self.seconds
             released = os.path.join(self.directory, "released")
-            while time.monotonic() < deadline and not os.path.exists(released):
+            while not os.path.exists(released):
+                if time.monotonic() > deadline:
+                    raise TimeoutError(f"the straggler was not released within {self.seconds} s")
                 time.sleep(0.02)
         return load_region(region)

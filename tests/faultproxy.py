@@ -13,7 +13,8 @@ A rule matches a method and a key prefix inside the repository (``chunks/``, ``m
 ``snapshots/``, ``transactions/``; ``repo`` is icechunk 2's repository object, which holds
 the branches and is updated with a conditional PUT at each commit) and fires on every
 ``every``-th match (a deterministic rate), on the first ``times`` matches, or at random with
-``rate`` (seeded). Its action is one of
+``rate`` (seeded). The first rule that fires on a request decides; a rule counts only the
+requests that no earlier rule fired on. Its action is one of
 
 ``status``  answer with an S3 error (``status``, ``code``); the request never reaches moto
 ``reset``   close the connection with a TCP reset before forwarding anything
@@ -79,6 +80,8 @@ class Rule:
     def __post_init__(self) -> None:
         if self.action not in ACTIONS:
             raise ValueError(f"action must be one of {ACTIONS}, not {self.action!r}")
+        if not (self.every or self.times or self.rate):
+            raise ValueError("a rule fires on every=, times= or rate=; none was given")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -140,7 +143,8 @@ class _State:
 
 
 def _expired(access_key: str) -> bool:
-    return access_key.startswith("EXP") and int(access_key[3:].split("-")[0]) < time.time()
+    expiry = access_key[3:].split("-")[0]
+    return access_key.startswith("EXP") and expiry.isdigit() and int(expiry) < time.time()
 
 
 def _key_kind(path: str) -> str:

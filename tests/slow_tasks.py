@@ -2,6 +2,7 @@
 this module, through the PYTHONPATH that conftest.py sets)."""
 
 import os
+import re
 import time
 
 
@@ -10,10 +11,12 @@ def task(arg):
 
     ``script[(index, attempt)]`` = ``(seconds, fail)`` or ``(seconds, fail, waits)``: sleep
     ``seconds`` (or, with ``waits``, until every flag in it exists, ``seconds`` being only a
-    generous deadline), then raise if ``fail``, else leave a file in the ``flags`` directory
-    and return ``(index, attempt)``. Copies not in the script return at once. Every copy
-    leaves ``started(index, attempt)`` when it starts and ``ended(...)`` when it ends, so
-    that scripts can order copies by what happened instead of by how long it took. With
+    generous deadline: past it, ``TimeoutError``), then raise if ``fail``, else leave a file
+    in the ``flags`` directory and return ``(index, attempt)``. Copies not in the script
+    return at once. Every copy leaves ``started(index, attempt)`` when it starts and
+    ``finished(...)`` when it ends, and the tests' adapter leaves ``seen(index, attempt)``
+    when the loop receives a copy's result, so that scripts order copies by what happened
+    instead of by how long it took. With
     ``stop_early``, a sleeping copy gives up (raises) as soon as another copy of its task has
     succeeded, so a loser frees its worker at once (a task running on an engine that cannot
     cancel it would otherwise keep a worker busy, and delay the session's exit); it raises, so
@@ -25,11 +28,16 @@ def task(arg):
     _flag(flags, started(index, attempt))
     try:
         deadline = time.monotonic() + seconds
-        while time.monotonic() < deadline:
+        while waits or time.monotonic() < deadline:  # copies not in the script skip this
             if stop_early and _succeeded(flags, index):
                 raise RuntimeError(f"copy {attempt} of task {index} gave up: another copy won")
-            if waits and all(os.path.exists(os.path.join(flags, w)) for w in waits):
+            missing = [w for w in waits if not os.path.exists(os.path.join(flags, w))]
+            if waits and not missing:
                 break
+            if waits and time.monotonic() >= deadline:
+                raise TimeoutError(
+                    f"copy {attempt} of task {index} waited {seconds} s for {missing}"
+                )
             time.sleep(0.02)
         if fail:
             raise OSError(f"copy {attempt} of task {index} failed")
@@ -47,6 +55,19 @@ def started(index, attempt):
 def finished(index, attempt):
     """The flag it leaves when it ends, succeeded or not."""
     return f"finished-{index}-{attempt}"
+
+
+def seen(index, attempt):
+    """The flag the tests' adapter leaves when the loop receives that copy's result."""
+    return f"seen-{index}-{attempt}"
+
+
+def copy_of(result):
+    """``(index, attempt)`` of the copy a result (a return value or an error) came from."""
+    if isinstance(result, tuple):
+        return result
+    match = re.search(r"copy (\d+) of task (\d+)", str(result))
+    return (int(match.group(2)), int(match.group(1))) if match else None
 
 
 def _flag(flags, name):

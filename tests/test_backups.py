@@ -17,14 +17,15 @@ import slow_tasks
 from icechunk_distributed.adapters import Adapter, Capabilities
 from icechunk_distributed.adapters.local import FuturesAdapter, SerialAdapter
 from icechunk_distributed.runner import Backups, TaskLoop, run_batch
-from slow_tasks import finished, started
+from slow_tasks import seen, started
 
 N = 8
 SLOW = 1  # the straggling task
 QUICK = Backups(factor=2, min_done=0.5, min_seconds=0.5, poll=0.05)
 # Seconds a straggler would sleep; it gives up as soon as its backup has succeeded. A generous
-# deadline, not a timing: however busy the machine, the backup wins long before.
-LONG = 240.0
+# deadline, not a timing: however busy the machine, the backup wins long before. A copy that
+# waits for flags raises TimeoutError when they have not come by then.
+LONG = 120.0
 # Lithops localhost v2 starts a process per call (~0.7 s) on 2 workers: with more tasks than
 # workers, a queued call looks like a straggler too (its time counts from submission).
 TASKS = {"lithops": 2}
@@ -102,10 +103,30 @@ class Run:
         return [(e.index, e.attempt) for e in self.events if e.kind == kind]
 
 
+class Seeing(Adapter):
+    """Any engine's adapter, leaving ``seen(index, attempt)`` in ``flags`` as the loop receives
+    each copy's result (a return value or an error), for the scripts to wait on."""
+
+    def __init__(self, inner, flags):
+        self.inner, self.flags = inner, flags
+
+    @property
+    def capabilities(self):
+        return self.inner.capabilities
+
+    def map_unordered(self, fn, items, **kwargs):
+        with contextlib.closing(self.inner.map_unordered(fn, items, **kwargs)) as results:
+            for key, result in results:
+                copy = slow_tasks.copy_of(result)
+                if copy is not None:
+                    (self.flags / seen(*copy)).touch()
+                yield key, result
+
+
 def run(adapter, flags, script, *, n=N, backups=QUICK, retries=0, stop_early=True, batch=None):
     record = Run()
     loop = TaskLoop(
-        adapter,
+        Seeing(adapter, flags),
         slow_tasks.task if batch is None else functools.partial(run_batch, slow_tasks.task),
         retries=retries,
         is_success=lambda result: not isinstance(result, BaseException),
@@ -123,6 +144,17 @@ def run(adapter, flags, script, *, n=N, backups=QUICK, retries=0, stop_early=Tru
 def firsts(n=N, winners=None):
     """Every task won by its first copy, except the ``{task: winning attempt}`` given."""
     return {i: (i, (winners or {}).get(i, 1)) for i in range(n)}
+
+
+def assert_won(record, n=N, winners=None):
+    """Every task won once, by its own result; the ``{task: attempt}`` given by exactly that
+    copy. On a busy machine a task outside the script may look slow enough to be backed up
+    too, so its winner may be either copy."""
+    winners = winners or {}
+    assert sorted(record.wins) == list(range(n))
+    for i, (index, attempt) in record.wins.items():
+        assert index == i
+        assert attempt == winners[i] if i in winners else attempt in (1, 2), (i, attempt)
 
 
 def assert_backup_won(record, n):
@@ -163,7 +195,7 @@ def test_a_copy_that_fails_while_its_backup_runs_is_not_a_failure(engines, tmp_p
     fails once its backup has started; the backup succeeds once the first copy has failed."""
     script = {
         (SLOW, 1): (LONG, True, (started(SLOW, 2),)),
-        (SLOW, 2): (LONG, False, (finished(SLOW, 1),)),
+        (SLOW, 2): (LONG, False, (seen(SLOW, 1),)),  # once the loop has the failure
     }
     n = TASKS.get(name, N)
     record = run(engines(name), tmp_path, script, n=n, retries=0)
@@ -175,31 +207,27 @@ def test_both_copies_failing_count_as_one_failed_attempt(tmp_path):
     """A backup does not use up the retry budget: one retry is left, and it succeeds."""
     script = {
         (SLOW, 1): (LONG, True, (started(SLOW, 2),)),  # fails while its backup runs
-        (SLOW, 2): (LONG, True, (finished(SLOW, 1),)),  # then the backup fails too
+        (SLOW, 2): (LONG, True, (seen(SLOW, 1),)),  # then the backup fails too
     }
     with FuturesAdapter.threads(4) as adapter:
         record = run(adapter, tmp_path, script, retries=1)
-    assert record.wins == firsts(winners={SLOW: 3})
-    assert record.kinds("backup") == [(SLOW, 2)]
+    assert_won(record, winners={SLOW: 3})
+    assert (SLOW, 2) in record.kinds("backup")
     assert record.kinds("retry") == [(SLOW, 2)]  # after both copies failed, counted once
     assert not record.failures
 
 
 class Recording(FuturesAdapter):
-    """A thread pool adapter that keeps every result it hands to the loop, and flags each in
-    ``flags`` (``seen-<index>-<attempt>``) for the tasks' scripts to wait on."""
+    """A thread pool adapter that keeps every result it hands to the loop."""
 
-    def __init__(self, workers, flags):
+    def __init__(self, workers):
         super().__init__(ThreadPoolExecutor(workers), owned=True)
         self.seen = []
-        self.flags = flags
 
     def map_unordered(self, fn, items, *, poll=None):
         with contextlib.closing(super().map_unordered(fn, items, poll=poll)) as results:
             for key, result in results:
                 self.seen.append(result)
-                if isinstance(result, tuple):
-                    (self.flags / f"seen-{result[0]}-{result[1]}").touch()
                 yield key, result
 
 
@@ -207,15 +235,15 @@ def test_a_loser_finishing_while_the_round_runs_is_dropped(tmp_path):
     """The straggler's first copy loses to its backup, then succeeds while task 5 still runs
     (its result is dropped); task 5's first copy wins over its own backup."""
     script = {
-        (SLOW, 1): (LONG, False, (finished(SLOW, 2),)),  # succeeds after its backup did
-        (5, 1): (LONG, False, (started(5, 2), f"seen-{SLOW}-1")),  # ... and came back
-        (5, 2): (LONG, False, (finished(5, 1),)),
+        (SLOW, 1): (LONG, False, (seen(SLOW, 2),)),  # succeeds once its backup's success came
+        (5, 1): (LONG, False, (started(5, 2), seen(SLOW, 1))),  # ... and then its own
+        (5, 2): (LONG, False, (seen(5, 1),)),
     }
-    with Recording(4, tmp_path) as adapter:
+    with Recording(4) as adapter:
         record = run(adapter, tmp_path, script, stop_early=False)
-    assert record.wins == firsts(winners={SLOW: 2})
+    assert_won(record, winners={SLOW: 2, 5: 1})
     assert record.attempts[5] == 2
-    assert sorted(record.kinds("backup")) == [(SLOW, 2), (5, 2)]
+    assert {(SLOW, 2), (5, 2)} <= set(record.kinds("backup"))
     assert (SLOW, 1) in adapter.seen  # the loser's success did come back, and was dropped
 
 
@@ -223,8 +251,8 @@ def test_backups_of_batched_calls(tmp_path):
     """With several tasks per call, the straggling call is backed up as a whole."""
     with FuturesAdapter.threads(4) as adapter:
         record = run(adapter, tmp_path, {(SLOW, 1): (LONG, False)}, batch=2)
-    assert record.wins == firsts(winners={0: 2, SLOW: 2})  # task 0 shares the straggler's call
-    assert sorted(record.kinds("backup")) == [(0, 2), (SLOW, 2)]
+    assert_won(record, winners={0: 2, SLOW: 2})  # task 0 shares the straggler's call
+    assert {(0, 2), (SLOW, 2)} <= set(record.kinds("backup"))
 
 
 @pytest.mark.parametrize("name", ["threads", "processes"])
@@ -237,7 +265,7 @@ def test_closing_an_owned_pool_does_not_wait_for_a_loser(tmp_path, name):
             record = run(adapter, tmp_path, script, stop_early=False)
         finally:
             adapter.close()
-        assert record.wins == firsts(winners={SLOW: 2})
+        assert_won(record, winners={SLOW: 2})
         assert not slow_tasks.ended(tmp_path, SLOW, 1)  # the loser is still running
     finally:
         (tmp_path / "release").touch()
