@@ -289,9 +289,47 @@ def serve(upstream: str) -> None:
 
 
 @dataclass
-class FaultProxy:
+class ServerProcess:
+    """A test server in a child process on 127.0.0.1: it stops when its stdin closes."""
+
     process: subprocess.Popen[str]
     endpoint: str
+    log_path: str
+
+    def stop(self, timeout: float = 10) -> None:
+        if self.process.poll() is None:
+            assert self.process.stdin is not None
+            self.process.stdin.close()  # the server's signal to stop
+            try:
+                self.process.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait(timeout)
+
+
+def start_server(args: list[str], name: str, timeout: float = 60) -> ServerProcess:
+    """Run ``args`` (a server that prints its port, then serves until stdin closes)."""
+    log = tempfile.NamedTemporaryFile(  # noqa: SIM115 - closed below, kept for diagnostics
+        "w", prefix=f"{name.replace(' ', '-')}-", suffix=".log", delete=False
+    )
+    process = subprocess.Popen(
+        args, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=log, text=True
+    )
+    log.close()
+    assert process.stdout is not None
+    ready, _, _ = select.select([process.stdout], [], [], timeout)
+    line = process.stdout.readline().strip() if ready else ""
+    if not line.isdigit():
+        process.kill()
+        process.wait()
+        with open(log.name) as f:
+            detail = f.read()[-2000:]
+        raise RuntimeError(f"{name} did not start within {timeout} s:\n{detail}")
+    return ServerProcess(process, f"http://127.0.0.1:{int(line)}", log.name)
+
+
+class FaultProxy(ServerProcess):
+    """The proxy's process, and its control calls."""
 
     def _call(self, method: str, what: str, data: dict[str, Any] | None = None) -> Any:
         body = None if data is None else json.dumps(data).encode()
@@ -316,16 +354,6 @@ class FaultProxy:
     def fired(self) -> list[int]:
         return [r["fired"] for r in self.stats()["rules"]]
 
-    def stop(self, timeout: float = 10) -> None:
-        if self.process.poll() is None:
-            assert self.process.stdin is not None
-            self.process.stdin.close()
-            try:
-                self.process.wait(timeout)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait(timeout)
-
 
 def _spec(rule: Rule) -> dict[str, Any]:
     spec = asdict(rule)
@@ -335,26 +363,8 @@ def _spec(rule: Rule) -> dict[str, Any]:
 
 def start_fault_proxy(upstream: str, timeout: float = 60) -> FaultProxy:
     """Start the proxy in front of ``upstream`` (moto's endpoint), in a child process."""
-    log = tempfile.NamedTemporaryFile(  # noqa: SIM115 - kept for diagnostics
-        "w", prefix="fault-proxy-", suffix=".log", delete=False
-    )
-    process = subprocess.Popen(
-        [sys.executable, __file__, upstream],
-        stdin=subprocess.PIPE,
-        stdout=subprocess.PIPE,
-        stderr=log,
-        text=True,
-    )
-    log.close()
-    assert process.stdout is not None
-    ready, _, _ = select.select([process.stdout], [], [], timeout)
-    line = process.stdout.readline().strip() if ready else ""
-    if not line.isdigit():
-        process.kill()
-        process.wait()
-        with open(log.name) as f:
-            raise RuntimeError(f"fault proxy did not start within {timeout} s:\n{f.read()}")
-    return FaultProxy(process, f"http://127.0.0.1:{int(line)}")
+    server = start_server([sys.executable, __file__, upstream], "fault proxy", timeout)
+    return FaultProxy(server.process, server.endpoint, server.log_path)
 
 
 if __name__ == "__main__":

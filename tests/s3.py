@@ -23,10 +23,7 @@ from __future__ import annotations
 import contextlib
 import importlib.util
 import os
-import select
-import subprocess
 import sys
-import tempfile
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -35,7 +32,7 @@ from typing import Any
 import icechunk
 import pytest
 
-from faultproxy import FaultProxy, start_fault_proxy
+from faultproxy import FaultProxy, ServerProcess, start_fault_proxy, start_server
 
 ACCESS_KEY_ID = "AKIDICDTESTKEY00042"
 SECRET_ACCESS_KEY = "SECRET-do-not-leak-1234"
@@ -64,46 +61,12 @@ server.stop()
 """
 
 
-@dataclass
-class MotoServer:
-    process: subprocess.Popen[str]
-    endpoint: str
-    log_path: str
-
-    def stop(self, timeout: float = 10) -> None:
-        if self.process.poll() is None:
-            assert self.process.stdin is not None
-            self.process.stdin.close()  # the server's signal to stop
-            try:
-                self.process.wait(timeout)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait(timeout)
+MotoServer = ServerProcess
 
 
 def start_moto_server(timeout: float = 60) -> MotoServer:
     """Start moto's S3 server on 127.0.0.1 on a free port, in a child process."""
-    log = tempfile.NamedTemporaryFile(  # noqa: SIM115 - closed below, kept for diagnostics
-        "w", prefix="moto-server-", suffix=".log", delete=False
-    )
-    process = subprocess.Popen(
-        [sys.executable, "-c", _SERVER_SCRIPT],
-        stdin=subprocess.PIPE,
-        stdout=subprocess.PIPE,
-        stderr=log,
-        text=True,
-    )
-    log.close()
-    assert process.stdout is not None
-    ready, _, _ = select.select([process.stdout], [], [], timeout)
-    line = process.stdout.readline().strip() if ready else ""
-    if not line.isdigit():
-        process.kill()
-        process.wait()
-        with open(log.name) as f:
-            detail = f.read()[-2000:]
-        raise RuntimeError(f"moto server did not start within {timeout} s:\n{detail}")
-    return MotoServer(process, f"http://127.0.0.1:{int(line)}", log.name)
+    return start_server([sys.executable, "-c", _SERVER_SCRIPT], "moto server", timeout)
 
 
 def create_bucket(endpoint: str, bucket: str | None = None) -> str:
@@ -238,6 +201,8 @@ def fault_proxy(moto_endpoint: str) -> Iterator[FaultProxy]:
         yield proxy
     finally:
         proxy.stop()
+        with contextlib.suppress(OSError):
+            os.unlink(proxy.log_path)
 
 
 @dataclass
