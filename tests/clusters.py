@@ -61,7 +61,7 @@ RAY_HEAD_IP = "127.0.0.2"
 RAY_FIRST_WORKER = 3  # worker nodes on 127.0.0.3, 127.0.0.4, ...
 DASK_HOST = "127.0.0.1"
 
-START_TIMEOUT = 180.0
+START_TIMEOUT = 600.0
 """Seconds a cluster may take to start (Ray on a busy 2-core machine: 20-40 s)."""
 
 # What conftest.ray_engine passes to ray.init: a session-wide local Ray that joining a cluster

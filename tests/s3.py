@@ -234,7 +234,7 @@ def faulty_s3(fault_proxy: FaultProxy, moto_endpoint: str) -> Iterator[FaultyS3]
 # Run in other processes (importable by spawn children: tests/ is on PYTHONPATH)
 
 
-def wait_for_parties(directory: str, n: int, timeout: float = 60) -> None:
+def wait_for_parties(directory: str, n: int, timeout: float = 600) -> None:
     """A barrier across processes: arrive (one file per process), then wait until ``n`` did."""
     import time
 

@@ -68,7 +68,7 @@ def run(*args: str, cwd, env: dict | None = None) -> subprocess.CompletedProcess
         cwd=cwd,
         capture_output=True,
         text=True,
-        timeout=240,
+        timeout=600,
         env=env,
     )
     assert "Traceback" not in out.stderr, out.stderr

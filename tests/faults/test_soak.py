@@ -49,7 +49,7 @@ def test_soak_5000_regions_with_random_failures(repo, tmp_path, capsys):
         )
 
 
-@pytest.mark.timeout(1200)  # about 2 minutes on 2 cores; more beside a CPU hog
+@pytest.mark.timeout(1800)  # about 2 minutes on 2 cores; more beside a CPU hog
 def test_soak_2000_regions_on_a_throttling_object_store(faulty_s3, capsys):
     """2,000 regions on processes against S3 that throttles 2% of all requests (503
     SlowDown) and resets 1% of connections, at random (seeded): the exact source, once."""
