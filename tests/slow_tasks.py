@@ -16,11 +16,10 @@ def task(arg):
     return at once. Every copy leaves ``started(index, attempt)`` when it starts and
     ``finished(...)`` when it ends, and the tests' adapter leaves ``seen(index, attempt)``
     when the loop receives a copy's result, so that scripts order copies by what happened
-    instead of by how long it took. With
-    ``stop_early``, a sleeping copy gives up (raises) as soon as another copy of its task has
-    succeeded, so a loser frees its worker at once (a task running on an engine that cannot
-    cancel it would otherwise keep a worker busy, and delay the session's exit); it raises, so
-    it can never pass for the winner.
+    instead of by how long it took. With ``stop_early``, a sleeping copy gives up (raises) as
+    soon as another copy of its task has succeeded, so a loser frees its worker at once (a task
+    running on an engine that cannot cancel it would otherwise keep a worker busy, and delay
+    the session's exit); it raises, so it can never pass for the winner.
     """
     index, attempt, script, flags, stop_early = arg
     seconds, fail, *rest = script.get((index, attempt), (0.0, False))
