@@ -257,8 +257,8 @@ def merge_forks(target: Target, items: list[Item], *, replay: Collection[Fork] =
         seen_of = {fork.uid: ledger.seen_of(fork) for fork, _, _ in todo}
         written = _gather(ledger, todo, changes_of)
         # Each item's fork number, made once for the suspect search and the owner records.
-        mine = np.asarray([ledger.number(f.uid) for f, _, _ in todo], dtype=np.int32)
-        _check_overlaps(target, todo, changes_of, seen_of, written, mine)
+        numbers = np.asarray([ledger.number(f.uid) for f, _, _ in todo], dtype=np.int32)
+        _check_overlaps(target, todo, changes_of, seen_of, written, numbers)
 
         forks = [fork for fork, _, _ in todo]
         if len(set(seen_of.values())) > 1:
@@ -270,7 +270,7 @@ def merge_forks(target: Target, items: list[Item], *, replay: Collection[Fork] =
         if any(not f.live or _is_new(ledger, f, changes_of[f.uid]) for f in forks):
             ledger.version += 1
         version = ledger.version
-        _record_chunks(ledger, todo, forks, written, mine, version)
+        _record_chunks(ledger, todo, forks, written, numbers, version)
         for fork in forks:
             _record(ledger, fork, changes_of[fork.uid], version)
         return forks
@@ -377,23 +377,23 @@ def _record_chunks(
     todo: list[Item],
     order: list[Fork],
     written: list[_Written],
-    mine: np.ndarray,
+    numbers: np.ndarray,
     version: int,
 ) -> None:
     """Record who wrote each chunk merged (forks in merge ``order``: the last writer wins).
 
-    ``mine``: each item's fork number.
+    ``numbers``: each item's fork number.
     """
     rank = {f.uid: k for k, f in enumerate(order)}
     for block in written:
         owners = ledger.chunks.setdefault(block.path, ChunkOwners())
         if block.repeated is None or not block.repeated.any():
-            owners.record(block.rows, mine[block.item_of], version)
+            owners.record(block.rows, numbers[block.item_of], version)
             continue
         # Two forks wrote one chunk (with the same bytes, or the merge was refused): one
         # fork after the other, so that the later one is the owner.
         for n in sorted(set(block.item_of.tolist()), key=lambda n: rank[todo[n][0].uid]):
-            owners.record(block.of_item(n), int(mine[n]), version)
+            owners.record(block.of_item(n), int(numbers[n]), version)
 
 
 def _record(ledger: Ledger, fork: Fork, changes: Changes, version: int) -> None:
@@ -437,7 +437,7 @@ def _check_overlaps(
     changes_of: dict[str, Changes],
     seen_of: dict[str, int],
     written: list[_Written],
-    mine: np.ndarray,
+    numbers: np.ndarray,
 ) -> None:
     """Raise :class:`OverlappingWritesError` for writes that collide (see the module notes)."""
     ledger = target.ledger
@@ -482,7 +482,7 @@ def _check_overlaps(
         if mine != theirs:
             conflict(write, name, other_name, mine, theirs)
 
-    for path, k, item in _suspects(ledger, todo, seen_of, written, mine):
+    for path, k, item in _suspects(ledger, todo, seen_of, written, numbers):
         owners = ledger.chunks.get(path)
         check("c", path, k, owners.get(k) if owners else None, item)
     for item in todo:
@@ -499,7 +499,7 @@ def _suspects(
     todo: list[Item],
     seen_of: dict[str, int],
     written: list[_Written],
-    mine: np.ndarray,
+    numbers: np.ndarray,
 ) -> list[tuple[str, ChunkCoords, Item]]:
     """The chunks that need a closer look, in merge order.
 
@@ -507,7 +507,7 @@ def _suspects(
     call both wrote: found for all the call's chunks of an array at once (numpy), so that a
     merge costs a few array operations rather than a dict lookup per chunk. A live fork's
     chunks merged before are its own: not looked at again (:func:`_gather` left them out).
-    ``mine``: each item's fork number.
+    ``numbers``: each item's fork number.
     """
     seen = np.asarray([seen_of[f.uid] for f, _, _ in todo], dtype=np.int64)
     out: list[tuple[int, int, str, ChunkCoords]] = []
@@ -517,7 +517,7 @@ def _suspects(
         owners = ledger.chunks.get(block.path)
         if owners is not None:
             forks, versions = owners.lookup(rows)
-            suspect |= (forks != NOBODY) & (forks != mine[item_of]) & (seen[item_of] < versions)
+            suspect |= (forks != NOBODY) & (forks != numbers[item_of]) & (seen[item_of] < versions)
         if block.repeated is not None:
             suspect |= block.repeated
         for k in np.flatnonzero(suspect).tolist():
