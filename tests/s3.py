@@ -213,19 +213,35 @@ class FaultyS3:
     location: S3Location
     direct: S3Location
 
+    @staticmethod
+    def new_bucket(proxy: FaultProxy, moto_endpoint: str) -> FaultyS3:
+        """A fresh bucket on the moto server, reached both ways."""
+        bucket = create_bucket(moto_endpoint)
+        return FaultyS3(
+            proxy,
+            S3Location(proxy.endpoint, bucket, "repo"),
+            S3Location(moto_endpoint, bucket, "repo"),
+        )
+
+    def history(self, branch: str = "main") -> list[str]:
+        """The branch's snapshot ids, newest first, read past the proxy."""
+        return [s.id for s in self.direct.open().ancestry(branch=branch)]
+
+    def read_back(self, branch: str = "main") -> Any:
+        """The committed dataset, from a fresh read-only session past the proxy."""
+        import xarray as xr
+
+        session = self.direct.open().readonly_session(branch)
+        return xr.open_zarr(session.store, consolidated=False, chunks=None).load()
+
 
 @pytest.fixture
 def faulty_s3(fault_proxy: FaultProxy, moto_endpoint: str) -> Iterator[FaultyS3]:
     """A fresh bucket behind the proxy, with no rules yet; rules are cleared (and stalled
     requests released) when the test ends."""
     fault_proxy.set_rules([])
-    bucket = create_bucket(moto_endpoint)
     try:
-        yield FaultyS3(
-            fault_proxy,
-            S3Location(fault_proxy.endpoint, bucket, "repo"),
-            S3Location(moto_endpoint, bucket, "repo"),
-        )
+        yield FaultyS3.new_bucket(fault_proxy, moto_endpoint)
     finally:
         fault_proxy.set_rules([])
 

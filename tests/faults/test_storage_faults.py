@@ -34,26 +34,16 @@ def source(n_time: int = N_TIME) -> xr.Dataset:
     return small_dataset(n_time=n_time, ny=16, nx=32)
 
 
-def history(repo: icechunk.Repository) -> list[str]:
-    return [s.id for s in repo.ancestry(branch="main")]
-
-
-def read_back(location: s3.S3Location) -> xr.Dataset:
-    session = location.open().readonly_session("main")
-    return xr.open_zarr(session.store, consolidated=False, chunks=None).load()
-
-
 def assert_committed_once(faulty: s3.FaultyS3, before: list[str], expected: xr.Dataset) -> None:
-    repo = faulty.direct.open()
-    assert history(repo)[1:] == before  # one new commit on top of what was there
-    assert sorted(repo.list_branches()) == ["main"]
-    xr.testing.assert_identical(read_back(faulty.direct), expected)
+    assert faulty.history()[1:] == before  # one new commit on top of what was there
+    assert sorted(faulty.direct.open().list_branches()) == ["main"]
+    xr.testing.assert_identical(faulty.read_back(), expected)
 
 
 def write(faulty: s3.FaultyS3, executor: str, ds: xr.Dataset, **kwargs):
     """Create the repository (no faults yet); return a writer to call once rules are set."""
     repo = icechunk.Repository.create(faulty.location.storage())
-    before = history(repo)
+    before = faulty.history()
 
     def run(**more):
         options = {"progress": False, **kwargs, **more}
@@ -136,18 +126,16 @@ def test_a_resumable_run_whose_branch_updates_lose_their_answers(
     ds = source(12)
     proxy = faulty_s3.proxy
     for n in range(20):
-        bucket = s3.create_bucket(moto_endpoint)
-        location = s3.S3Location(proxy.endpoint, bucket, "repo")
-        faulty = s3.FaultyS3(proxy, location, s3.S3Location(moto_endpoint, bucket, "repo"))
+        faulty = s3.FaultyS3.new_bucket(proxy, moto_endpoint)
         run, before = write(faulty, executor, ds)
         proxy.set_rules([Rule("PUT", "repo", "lost", after=n, times=1)])
         # No timed checkpoints (an hour apart), so that the updates come in a fixed order.
         run(run_id="lossy", checkpoint_every=3600)
         repo = faulty.direct.open()
-        assert history(repo)[-len(before) :] == before
+        assert faulty.history()[-len(before) :] == before
         assert sorted(repo.list_branches()) == ["main"]
         assert [r.run_id for r in list_runs(repo)] == []
-        xr.testing.assert_identical(read_back(faulty.direct), ds)
+        xr.testing.assert_identical(faulty.read_back(), ds)
         if proxy.fired() == [0]:  # the run made only n updates: each one has been tried
             break
     else:
@@ -195,7 +183,7 @@ def test_a_stalled_request_is_retried_after_the_attempt_timeout(faulty_s3, execu
         )
     )
     repo = icechunk.Repository.create(faulty_s3.location.storage(), config=config)
-    before = history(repo)
+    before = faulty_s3.history()
     faulty_s3.proxy.set_rules([Rule("PUT", "chunks/", "stall", times=1, seconds=120)])
     run_region_writes(ds, repo, executor=executor, encoding=ENC, progress=False)
     assert faulty_s3.proxy.stats()["stalled"] == 1  # the first try is still stuck
@@ -262,7 +250,7 @@ def test_credentials_that_expire_mid_run_are_refreshed(faulty_s3, executor, tmp_
     credentials = ExpiringCredentials(str(tmp_path), lifetime=10)
     faulty_s3.proxy.set_rules([], expiring=True)
     repo = icechunk.Repository.create(faulty_s3.location.storage(get_credentials=credentials))
-    before = history(repo)
+    before = faulty_s3.history()
     run_region_writes(AfterExpiry(ds, credentials), repo, template=ds, executor=executor,
                       encoding=ENC, task_size=1, progress=False)  # fmt: skip
     used = [k for k in faulty_s3.proxy.stats()["access_keys"] if k.startswith("EXP")]
@@ -294,22 +282,22 @@ def quick_retries(location: s3.S3Location) -> icechunk.Repository:
 def test_chunk_writes_that_keep_failing_leave_the_branch_unchanged(faulty_s3, executor):
     ds = source(12)
     repo = quick_retries(faulty_s3.location)
-    before = history(repo)
+    before = faulty_s3.history()
     faulty_s3.proxy.set_rules([Rule("PUT", "chunks/", "status", status=503, every=1)])
     with pytest.raises(RegionWriteError, match="nothing was committed") as info:
         run_region_writes(ds, repo, executor=executor, encoding=ENC, retries=1, progress=False)
     assert "StorageError" in str(info.value) and "SlowDown" in str(info.value)
-    assert history(faulty_s3.direct.open()) == before
+    assert faulty_s3.history() == before
 
 
 @pytest.mark.parametrize("executor", EXECUTORS)
 def test_a_commit_whose_snapshot_cannot_be_written_leaves_the_branch_unchanged(faulty_s3, executor):
     ds = source(12)
     repo = quick_retries(faulty_s3.location)
-    before = history(repo)
+    before = faulty_s3.history()
     rules = [Rule("PUT", "snapshots/", "status", status=500, code="InternalError", every=1)]
     progress = at_commit(faulty_s3.proxy, rules)
     with pytest.raises(icechunk.IcechunkError, match="InternalError"):
         run_region_writes(ds, repo, executor=executor, encoding=ENC, progress=progress)
     assert faulty_s3.proxy.fired() == [2]  # both tries of the commit's snapshot
-    assert history(faulty_s3.direct.open()) == before
+    assert faulty_s3.history() == before
