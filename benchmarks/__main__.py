@@ -35,6 +35,8 @@ from pathlib import Path
 
 os.environ.setdefault("ICECHUNK_LOG", "error")
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+# The local Ray (S2) on 127.0.0.1 only, as in the tests (see tests/conftest.py).
+os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
 # Worker processes (Lithops runs them from its own directory) import the scenario functions.
 _root = str(Path(__file__).resolve().parent.parent)
 os.environ["PYTHONPATH"] = os.pathsep.join(p for p in [_root, os.environ.get("PYTHONPATH")] if p)

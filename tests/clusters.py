@@ -75,9 +75,11 @@ SESSION_RAY_INIT: dict[str, Any] = {
 
 def node_env(**extra: str) -> dict[str, str]:
     """The environment of a cluster node: the tests' own, minus ``PYTHONPATH`` (conftest.py
-    puts the tests directory there for local workers), Ray's usage stats and token
-    authentication off (no network call; no token file needed to join)."""
-    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "RAY_ADDRESS")}
+    puts the tests directory there for local workers) and the single-node switch conftest.py
+    sets for local Rays (a node takes ``--node-ip-address`` instead), Ray's usage stats and
+    token authentication off (no network call; no token file needed to join)."""
+    drop = ("PYTHONPATH", "RAY_ADDRESS", "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER")
+    env = {k: v for k, v in os.environ.items() if k not in drop}
     env.update(RAY_USAGE_STATS_ENABLED="0", RAY_AUTH_MODE="disabled")
     env.update(extra)
     return env

@@ -3,6 +3,11 @@ import os
 # Local-filesystem storage warns about concurrent committers on every open; tests commit once.
 os.environ.setdefault("ICECHUNK_LOG", "error")
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+# A Ray that ray.init starts here (or in a subprocess the tests start) advertises the machine's
+# address and binds its gRPC servers to every interface; with Ray's "no multi-node cluster"
+# switch it uses 127.0.0.1 for both. Ray reads it on import. Cluster nodes (tests/clusters.py)
+# drop it and take --node-ip-address 127.0.0.x instead. Pinned by test_engines.py.
+os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
 # Worker processes of every engine (Ray, Lithops, dask) import the test helpers (tasks.py).
 _here = os.path.dirname(os.path.abspath(__file__))
 os.environ["PYTHONPATH"] = os.pathsep.join(

@@ -193,3 +193,32 @@ def test_dask_adapter_inside_a_task_of_a_one_thread_worker():
     ):
         outer = client.submit(_adapter_inside_a_task, 4, pure=False)
         assert outer.result(timeout=600) == [0, 1, 4, 9]
+
+
+def _listening(process) -> list[str]:
+    """The addresses ``process`` listens on (TCP)."""
+    return [c.laddr.ip for c in process.net_connections(kind="tcp") if c.status == "LISTEN"]
+
+
+def _is_loopback(ip: str) -> bool:
+    import ipaddress
+
+    address = ipaddress.ip_address(ip)
+    mapped = getattr(address, "ipv4_mapped", None)
+    return (mapped or address).is_loopback
+
+
+def test_local_ray_stays_on_loopback(ray_engine):
+    """The tests' local Ray advertises and listens on loopback only: Ray's single-node switch
+    (``RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0``, set by conftest.py) does that. Without it Ray
+    binds its gRPC servers to every interface and advertises the machine's address. If a
+    Ray release drops the switch, this fails here rather than the suite going off-host."""
+    psutil = pytest.importorskip("psutil")
+    nodes = [n["NodeManagerAddress"] for n in ray_engine.nodes() if n["Alive"]]
+    assert nodes and all(_is_loopback(ip) for ip in nodes), nodes
+    ray_processes = [
+        p for p in psutil.Process().children(recursive=True) if "ray" in " ".join(p.cmdline())
+    ]
+    assert ray_processes, "no Ray process found under the test process"
+    addresses = {ip for p in [psutil.Process(), *ray_processes] for ip in _listening(p)}
+    assert addresses and all(_is_loopback(ip) for ip in addresses), addresses

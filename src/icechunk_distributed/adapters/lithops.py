@@ -19,6 +19,7 @@ from icechunk_distributed.adapters.base import (
 __all__ = ["LithopsAdapter", "localhost_config"]
 
 DATA_LIMIT_MIB = 4
+"""Lithops refuses call arguments over this many MiB unless ``data_limit`` is raised."""
 
 _SESSION_PID: int | None = None
 
@@ -40,9 +41,6 @@ def _own_session() -> None:
         os.environ["__LITHOPS_SESSION_ID"] = uuid.uuid4().hex[:6]
         os.environ.pop("__LITHOPS_TOTAL_EXECUTORS", None)
         _SESSION_PID = os.getpid()
-
-
-"""Lithops refuses call arguments over this many MiB unless ``data_limit`` is raised."""
 
 
 def localhost_config(workers: int | None = None) -> dict[str, Any]:
