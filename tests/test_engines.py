@@ -196,8 +196,24 @@ def test_dask_adapter_inside_a_task_of_a_one_thread_worker():
 
 
 def _listening(process) -> list[str]:
-    """The addresses ``process`` listens on (TCP)."""
-    return [c.laddr.ip for c in process.net_connections(kind="tcp") if c.status == "LISTEN"]
+    """The addresses ``process`` listens on (TCP); none if it ended meanwhile (Ray starts and
+    ends worker processes on its own schedule)."""
+    import psutil
+
+    try:
+        connections = process.net_connections(kind="tcp")
+    except psutil.NoSuchProcess:
+        return []
+    return [c.laddr.ip for c in connections if c.status == "LISTEN"]
+
+
+def _is_ray(process) -> bool:
+    import psutil
+
+    try:
+        return "ray" in " ".join(process.cmdline())
+    except psutil.NoSuchProcess:
+        return False
 
 
 def _is_loopback(ip: str) -> bool:
@@ -216,9 +232,7 @@ def test_local_ray_stays_on_loopback(ray_engine):
     psutil = pytest.importorskip("psutil")
     nodes = [n["NodeManagerAddress"] for n in ray_engine.nodes() if n["Alive"]]
     assert nodes and all(_is_loopback(ip) for ip in nodes), nodes
-    ray_processes = [
-        p for p in psutil.Process().children(recursive=True) if "ray" in " ".join(p.cmdline())
-    ]
+    ray_processes = [p for p in psutil.Process().children(recursive=True) if _is_ray(p)]
     assert ray_processes, "no Ray process found under the test process"
     addresses = {ip for p in [psutil.Process(), *ray_processes] for ip in _listening(p)}
     assert addresses and all(_is_loopback(ip) for ip in addresses), addresses
