@@ -82,7 +82,9 @@ def main(argv: list[str] | None = None) -> int:
         elif name == "dask":
             from distributed import Client, LocalCluster
 
-            cluster = LocalCluster(n_workers=2, threads_per_worker=1, dashboard_address=":0")
+            cluster = LocalCluster(
+                n_workers=2, threads_per_worker=1, host="127.0.0.1", dashboard_address="127.0.0.1:0"
+            )
             client = Client(cluster)
             executor = client
             cleanup = functools.partial(_close_all, client, cluster)

@@ -245,7 +245,10 @@ class S2:
         self.processes = FuturesAdapter.processes(S2_WORKERS)
         # to_icechunk needs the dask cluster whichever engines run
         self.cluster = LocalCluster(
-            n_workers=S2_WORKERS, threads_per_worker=1, dashboard_address=":0"
+            n_workers=S2_WORKERS,
+            threads_per_worker=1,
+            host="127.0.0.1",
+            dashboard_address="127.0.0.1:0",
         )
         self.client = Client(self.cluster, set_as_default=False)
         self.joblib: Any = None

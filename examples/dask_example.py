@@ -13,7 +13,9 @@ from icechunk_distributed.demo import DemoSpec, synthetic_dataset
 os.environ.setdefault("ICECHUNK_LOG", "error")
 
 if __name__ == "__main__":
-    cluster = LocalCluster(n_workers=2, threads_per_worker=1, dashboard_address=":0")
+    cluster = LocalCluster(
+        n_workers=2, threads_per_worker=1, host="127.0.0.1", dashboard_address="127.0.0.1:0"
+    )
     with cluster, Client(cluster) as client:
         ds = synthetic_dataset(DemoSpec(n_time=96)).chunk({"time": 8})
         repo = icechunk.Repository.create(icechunk.local_filesystem_storage(tempfile.mkdtemp()))

@@ -1,6 +1,8 @@
 """The distributed engines for real: a local Ray, Lithops' localhost backend, a dask
 LocalCluster (each started once per test session), by name and as objects."""
 
+import os
+
 import pytest
 import xarray as xr
 
@@ -165,7 +167,9 @@ def test_dask_client_that_is_not_the_default(tmp_path):
     ds = full_dataset()
     repo = make_repo(tmp_path / "repo")
     with (
-        distributed.LocalCluster(n_workers=1, processes=False, dashboard_address=":0") as cluster,
+        distributed.LocalCluster(
+            n_workers=1, processes=False, dashboard_address="127.0.0.1:0"
+        ) as cluster,
         distributed.Client(cluster, set_as_default=False) as client,
     ):
         run_region_writes(ds, repo, executor=client, encoding=ENC, progress=False)
@@ -187,7 +191,11 @@ def test_dask_adapter_inside_a_task_of_a_one_thread_worker():
     distributed = pytest.importorskip("distributed")
     with (
         distributed.LocalCluster(
-            n_workers=1, threads_per_worker=1, processes=True, dashboard_address=":0"
+            n_workers=1,
+            threads_per_worker=1,
+            processes=True,
+            host="127.0.0.1",
+            dashboard_address="127.0.0.1:0",
         ) as cluster,
         distributed.Client(cluster, set_as_default=False) as client,
     ):
@@ -204,7 +212,20 @@ def _listening(process) -> list[str]:
         connections = process.net_connections(kind="tcp")
     except psutil.NoSuchProcess:
         return []
-    return [c.laddr.ip for c in connections if c.status == "LISTEN"]
+    return [
+        f"{c.laddr.ip} (port {c.laddr.port}, pid {process.pid}, {_name(process)})"
+        for c in connections
+        if c.status == "LISTEN"
+    ]
+
+
+def _name(process) -> str:
+    import psutil
+
+    try:
+        return " ".join(process.cmdline())[:120]
+    except psutil.NoSuchProcess:
+        return "ended"
 
 
 def _is_ray(process) -> bool:
@@ -228,11 +249,60 @@ def test_local_ray_stays_on_loopback(ray_engine):
     """The tests' local Ray advertises and listens on loopback only: Ray's single-node switch
     (``RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0``, set by conftest.py) does that. Without it Ray
     binds its gRPC servers to every interface and advertises the machine's address. If a
-    Ray release drops the switch, this fails here rather than the suite going off-host."""
+    Ray release drops the switch, this fails here rather than the suite going off-host.
+    The test process's own listeners are checked too: any in-process server an earlier test
+    left running (a dask dashboard given ``":0"`` listened on 0.0.0.0) shows up here."""
     psutil = pytest.importorskip("psutil")
     nodes = [n["NodeManagerAddress"] for n in ray_engine.nodes() if n["Alive"]]
     assert nodes and all(_is_loopback(ip) for ip in nodes), nodes
     ray_processes = [p for p in psutil.Process().children(recursive=True) if _is_ray(p)]
     assert ray_processes, "no Ray process found under the test process"
-    addresses = {ip for p in [psutil.Process(), *ray_processes] for ip in _listening(p)}
-    assert addresses and all(_is_loopback(ip) for ip in addresses), addresses
+    listeners = [line for p in [psutil.Process(), *ray_processes] for line in _listening(p)]
+    assert listeners, "nothing listens"
+    off_host = [line for line in listeners if not _is_loopback(line.split()[0])]
+    assert not off_host, off_host
+
+
+_OWN_DASK_CLUSTER = """
+import json, sys
+import psutil
+from icechunk_distributed.adapters.dask import DaskAdapter
+
+adapter = DaskAdapter(workers=1)
+try:
+    assert adapter.client.submit(sum, [1, 2], pure=False).result(timeout=300) == 3
+    me = psutil.Process()
+    print(json.dumps([
+        [c.laddr.ip, c.laddr.port, p.pid]
+        for p in [me, *me.children(recursive=True)]
+        for c in p.net_connections(kind="tcp")
+        if c.status == "LISTEN"
+    ]))
+finally:
+    adapter.close()
+"""
+
+
+def test_the_dask_adapters_own_cluster_stays_on_loopback():
+    """With no client anywhere the dask adapter starts a LocalCluster; its scheduler, workers
+    and dashboard listen on loopback only. Run in a fresh interpreter: the suite's session
+    client would otherwise be found first."""
+    import json
+    import subprocess
+    import sys
+
+    pytest.importorskip("distributed")
+    pytest.importorskip("psutil")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("DASK_")}
+    done = subprocess.run(
+        [sys.executable, "-c", _OWN_DASK_CLUSTER],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env=env,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    listeners = json.loads(done.stdout.strip().splitlines()[-1])
+    assert len(listeners) >= 3, listeners  # scheduler, dashboard, worker (and its nanny)
+    off_host = [entry for entry in listeners if not _is_loopback(entry[0])]
+    assert not off_host, off_host

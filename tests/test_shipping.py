@@ -357,7 +357,9 @@ def test_only_a_cluster_started_for_the_run_shares_modules():
     from icechunk_distributed.adapters.dask import DaskAdapter
 
     with (
-        distributed.LocalCluster(n_workers=1, processes=False, dashboard_address=":0") as cluster,
+        distributed.LocalCluster(
+            n_workers=1, processes=False, dashboard_address="127.0.0.1:0"
+        ) as cluster,
         distributed.Client(cluster, set_as_default=False) as client,
     ):
         assert DaskAdapter(client).capabilities.shares_modules is False

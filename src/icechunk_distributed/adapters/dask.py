@@ -39,7 +39,8 @@ class DaskAdapter(Adapter):
        made, or the worker's own when called inside a task);
     4. else a new client to the scheduler in dask's config (``scheduler-address``, i.e.
        ``DASK_SCHEDULER_ADDRESS``), as ``Client()`` itself would connect;
-    5. else a ``LocalCluster(processes=True)`` of ``workers`` workers.
+    5. else a ``LocalCluster(processes=True)`` of ``workers`` workers, listening (dashboard
+       included) on 127.0.0.1 only.
 
     Clients and clusters made here are closed by :meth:`close` (a scheduler joined through
     ``address`` keeps running); a client that was given or found is never closed.
@@ -80,11 +81,15 @@ class DaskAdapter(Adapter):
 
                 address = dask.config.get("scheduler-address", None) or None
                 if address is None:
+                    # A throwaway cluster for this run: its scheduler, workers and
+                    # dashboard listen on loopback only (a bare ":0" dashboard would
+                    # listen on every interface of the user's machine).
                     cluster = distributed.LocalCluster(
                         n_workers=workers,
                         threads_per_worker=1,
                         processes=True,
-                        dashboard_address=":0",
+                        host="127.0.0.1",
+                        dashboard_address="127.0.0.1:0",
                     )
                     client = distributed.Client(cluster)
                     self._owned = [client, cluster]
